@@ -1,0 +1,191 @@
+"""One event schema for the simulator and every backend, so a prediction and a measurement are the same table.
+
+An `Event` is one row with a fixed set of columns (`COLUMNS`, dtypes `DTYPES`): a span (`dur_s > 0`) or an
+instant at time `t`. Time comes from the caller (`env.now` in SimPy, `time.monotonic()` in a real run); this
+module never reads a clock. Kinds, and the columns each one fills (others keep their defaults):
+
+    admit        scheduler admitted a rollout              version = learner version at admission
+    rollout      one trajectory generated (t = start)      uid, tokens, version = behav_version, dur_s
+    drop         trajectory dropped as too stale           uid, version = behav_version, staleness
+    teacher      one scoring call                          n_seqs, tokens (all positions forwarded), dur_s
+    learner_step one optimiser step                        n_seqs, tokens, version = new version, staleness (mean)
+    weight_sync  weights published to a worker             bytes, version, dur_s
+    decode_iter  one engine iteration (cost calibration)   n_seqs running, tokens produced, dur_s
+
+`write`/`read` use CSV or Parquet by suffix; `to_perfetto` writes Chrome trace-event JSON for ui.perfetto.dev.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Iterable
+
+import pandas as pd
+
+KINDS = ("admit", "rollout", "drop", "teacher", "learner_step", "weight_sync", "decode_iter")
+ROLES = ("rollout", "teacher", "learner", "sync", "scheduler")
+KIND_ROLES = {"admit": "scheduler", "rollout": "rollout", "drop": "scheduler", "teacher": "teacher",
+              "learner_step": "learner", "weight_sync": "sync", "decode_iter": "rollout"}  # default role per kind
+
+
+@dataclass(frozen=True, kw_only=True)
+class Event:
+    t: float                   # s, start time (the caller's clock)
+    kind: str                  # one of KINDS
+    dur_s: float = 0.0         # s, 0 for an instant
+    role: str = ""             # one of ROLES; "" = KIND_ROLES[kind]
+    worker: int = 0            # worker index within the role
+    version: int = -1          # weight version (behaviour version for rollouts, new version for steps); -1 = n/a
+    uid: int = -1              # trajectory id; -1 = none
+    n_seqs: int = 0            # sequences in the call / step / iteration
+    tokens: int = 0            # tokens generated, scored or trained on
+    bytes: int = 0             # bytes moved (weight sync)
+    staleness: float = 0.0     # versions: a trajectory's, or the mean over a learner batch
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"Event.kind must be one of {KINDS}, got {self.kind!r}")
+        if not self.role:
+            object.__setattr__(self, "role", KIND_ROLES[self.kind])
+        if self.role not in ROLES:
+            raise ValueError(f"Event.role must be one of {ROLES}, got {self.role!r}")
+        for name in ("dur_s", "worker", "n_seqs", "tokens", "bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"Event.{name} must be >= 0, got {getattr(self, name)}")
+        if self.version < -1 or self.uid < -1:
+            raise ValueError(f"Event.version and Event.uid must be >= -1, got {self.version}, {self.uid}")
+
+
+COLUMNS = ("t", "dur_s", "kind", "role", "worker", "version", "uid", "n_seqs", "tokens", "bytes", "staleness")
+DTYPES = {"t": "float64", "dur_s": "float64", "kind": "str", "role": "str", "worker": "int64", "version": "int64",
+          "uid": "int64", "n_seqs": "int64", "tokens": "int64", "bytes": "int64", "staleness": "float64"}
+DEFAULTS = {f.name: f.default for f in fields(Event)}  # t and kind have none (dataclasses.MISSING)
+
+
+def to_frame(events: Iterable[Event]) -> pd.DataFrame:
+    """Events as a DataFrame with columns COLUMNS and dtypes DTYPES (also for no events)."""
+    events = list(events)
+    return pd.DataFrame({c: [getattr(e, c) for e in events] for c in COLUMNS}).astype(DTYPES)
+
+
+def _validated(df: pd.DataFrame, source: str) -> pd.DataFrame:
+    """df with exactly the schema's columns, in order and with its dtypes; ValueError naming what is wrong."""
+    missing = [c for c in COLUMNS if c not in df.columns]
+    extra = [c for c in df.columns if c not in COLUMNS]
+    if missing or extra:
+        raise ValueError(f"{source}: trace columns differ from the schema: missing {missing}, extra {extra}")
+    df = df.loc[:, list(COLUMNS)].astype(DTYPES).reset_index(drop=True)
+    for col, allowed in (("kind", KINDS), ("role", ROLES)):
+        if bad := sorted(set(df[col]) - set(allowed)):
+            raise ValueError(f"{source}: unknown {col} values {bad}; allowed {allowed}")
+    return df
+
+
+def from_frame(df: pd.DataFrame) -> list[Event]:
+    """Inverse of `to_frame`: one Event per row, with plain Python scalars."""
+    df = _validated(df, "from_frame")
+    cols = [df[c].tolist() for c in COLUMNS]
+    return [Event(**dict(zip(COLUMNS, row))) for row in zip(*cols)]
+
+
+def _frame(events_or_frame) -> pd.DataFrame:
+    if isinstance(events_or_frame, pd.DataFrame):
+        return _validated(events_or_frame, "trace")
+    return to_frame(events_or_frame)
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call write(tmp) on a temp file next to `path`, then rename it over `path`: no half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def write(events_or_frame, path) -> None:
+    """Write a trace as .csv or .parquet (chosen by suffix), atomically."""
+    path, df = Path(path), _frame(events_or_frame)
+    if path.suffix == ".csv":
+        _atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
+    elif path.suffix == ".parquet":
+        _atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
+    else:
+        raise ValueError(f"{path}: trace suffix must be .csv or .parquet, got {path.suffix!r}")
+
+
+def read(path) -> pd.DataFrame:
+    """Read a trace written by `write` (or any producer of the schema); checks columns, kinds and roles."""
+    path = Path(path)
+    if path.suffix == ".csv":
+        df = pd.read_csv(path)
+    elif path.suffix == ".parquet":
+        df = pd.read_parquet(path)
+    else:
+        raise ValueError(f"{path}: trace suffix must be .csv or .parquet, got {path.suffix!r}")
+    return _validated(df, str(path))
+
+
+def to_perfetto(events_or_frame, path) -> None:
+    """Write Chrome/Perfetto trace-event JSON: a process per role, a thread per worker, times in µs.
+
+    Spans (dur_s > 0) are "X" complete events, instants are thread-scoped "i" events; `args` holds the
+    version/uid/n_seqs/tokens/bytes/staleness columns that differ from their defaults."""
+    df = _frame(events_or_frame)
+    pid = {role: i + 1 for i, role in enumerate(ROLES)}
+    out = []
+    for role in [r for r in ROLES if (df.role == r).any()]:
+        out.append({"name": "process_name", "ph": "M", "pid": pid[role], "tid": 0, "args": {"name": role}})
+        for w in sorted(set(df.worker[df.role == role].tolist())):
+            out.append({"name": "thread_name", "ph": "M", "pid": pid[role], "tid": w,
+                        "args": {"name": f"{role} {w}"}})
+    arg_cols = COLUMNS[5:]
+    for row in zip(*[df[c].tolist() for c in COLUMNS]):
+        e = dict(zip(COLUMNS, row))
+        ev = {"name": e["kind"], "cat": e["role"], "ph": "X" if e["dur_s"] > 0 else "i",
+              "ts": round(e["t"] * 1e6, 3), "pid": pid[e["role"]], "tid": e["worker"]}
+        if e["dur_s"] > 0:
+            ev["dur"] = round(e["dur_s"] * 1e6, 3)
+        else:
+            ev["s"] = "t"
+        ev["args"] = {c: e[c] for c in arg_cols if e[c] != DEFAULTS[c]}
+        out.append(ev)
+    path = Path(path)
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps({"traceEvents": out})))
+
+
+@dataclass
+class Recorder:
+    """Collects Events stamped by a caller-supplied clock: `Recorder(time.monotonic)` or `Recorder(lambda: env.now)`.
+
+    Times are clock() − origin; processes of one run share an origin so their traces line up."""
+
+    clock: Callable[[], float]
+    origin: float = 0.0
+    events: list[Event] = field(default_factory=list)
+
+    def now(self) -> float:
+        return self.clock() - self.origin
+
+    def instant(self, kind: str, **cols) -> Event:
+        return self.append(Event(t=self.now(), kind=kind, **cols))
+
+    def span(self, kind: str, t0: float, **cols) -> Event:
+        """An event from t0 (an earlier `now()`) to now."""
+        return self.append(Event(t=t0, dur_s=self.now() - t0, kind=kind, **cols))
+
+    def append(self, event: Event) -> Event:
+        self.events.append(event)
+        return event
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def __iter__(self):
+        return iter(self.events)

@@ -1,0 +1,104 @@
+"""The trace schema: round trips through CSV and Parquet, column validation, and the Perfetto export."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from asyncopd.trace import COLUMNS, DTYPES, Event, Recorder, from_frame, read, to_frame, to_perfetto, write
+
+
+def events():
+    return [
+        Event(t=0.0, kind="admit", version=0, uid=3),
+        Event(t=0.0, dur_s=1.25, kind="rollout", worker=1, version=0, uid=3, tokens=17, staleness=0.0),
+        Event(t=0.1, dur_s=0.05, kind="decode_iter", worker=1, n_seqs=4, tokens=4),
+        Event(t=1.25, kind="drop", uid=4, version=0, staleness=2.0),
+        Event(t=1.3, dur_s=0.2, kind="teacher", n_seqs=2, tokens=40),
+        Event(t=1.5, dur_s=0.5, kind="learner_step", n_seqs=2, tokens=30, version=1, staleness=0.5),
+        Event(t=2.0, dur_s=0.01, kind="weight_sync", worker=1, version=1, bytes=1 << 33),
+        Event(t=2.5, dur_s=0.75, kind="rollout", role="teacher", uid=9, tokens=5),   # a teacher-made rollout
+    ]
+
+
+def test_schema_order_and_dtypes():
+    df = to_frame(events())
+    assert tuple(df.columns) == COLUMNS
+    assert df.dtypes.astype(str).to_dict() == {c: str(pd.Series([], dtype=d).dtype) for c, d in DTYPES.items()}
+    assert df.role.tolist() == ["scheduler", "rollout", "rollout", "scheduler", "teacher", "learner", "sync", "teacher"]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_round_trip(tmp_path, suffix):
+    path = tmp_path / f"trace{suffix}"
+    write(events(), path)
+    df = read(path)
+    pd.testing.assert_frame_equal(df, to_frame(events()))
+    assert from_frame(df) == events()
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]      # no temp file left
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_empty_round_trip(tmp_path, suffix):
+    empty = to_frame([])
+    assert tuple(empty.columns) == COLUMNS and len(empty) == 0
+    write([], tmp_path / f"t{suffix}")
+    df = read(tmp_path / f"t{suffix}")
+    pd.testing.assert_frame_equal(df, empty)
+    assert (df.dtypes == empty.dtypes).all() and from_frame(df) == []
+
+
+def test_unknown_kind_and_bad_values_raise(tmp_path):
+    with pytest.raises(ValueError, match="kind must be one of"):
+        Event(t=0.0, kind="rollout_end")
+    with pytest.raises(ValueError, match="role must be one of"):
+        Event(t=0.0, kind="rollout", role="actor")
+    with pytest.raises(ValueError, match="tokens must be >= 0"):
+        Event(t=0.0, kind="rollout", tokens=-1)
+    df = to_frame(events())
+    df.loc[2, "kind"] = "bogus"
+    with pytest.raises(ValueError, match=r"unknown kind values \['bogus'\]"):
+        write(df, tmp_path / "t.csv")
+
+
+def test_read_rejects_missing_and_extra_columns(tmp_path):
+    path = tmp_path / "t.csv"
+    to_frame(events()).drop(columns=["staleness"]).assign(gpu=0).to_csv(path, index=False)
+    with pytest.raises(ValueError, match=r"t.csv.*missing \['staleness'\], extra \['gpu'\]"):
+        read(path)
+    with pytest.raises(ValueError, match="suffix"):
+        write(events(), tmp_path / "t.json")
+
+
+def test_perfetto_exact(tmp_path):
+    evs = [Event(t=0.5, dur_s=1.25, kind="rollout", worker=2, version=3, uid=7, tokens=40),
+           Event(t=1.75, kind="drop", uid=7, version=3, staleness=2.0),
+           Event(t=2.0, dur_s=0.000001, kind="learner_step", n_seqs=4, tokens=160, version=4, staleness=0.5)]
+    to_perfetto(evs, tmp_path / "t.json")
+    got = json.loads((tmp_path / "t.json").read_text())
+    assert got == {"traceEvents": [
+        {"name": "process_name", "ph": "M", "pid": 1, "tid": 0, "args": {"name": "rollout"}},
+        {"name": "thread_name", "ph": "M", "pid": 1, "tid": 2, "args": {"name": "rollout 2"}},
+        {"name": "process_name", "ph": "M", "pid": 3, "tid": 0, "args": {"name": "learner"}},
+        {"name": "thread_name", "ph": "M", "pid": 3, "tid": 0, "args": {"name": "learner 0"}},
+        {"name": "process_name", "ph": "M", "pid": 5, "tid": 0, "args": {"name": "scheduler"}},
+        {"name": "thread_name", "ph": "M", "pid": 5, "tid": 0, "args": {"name": "scheduler 0"}},
+        {"name": "rollout", "cat": "rollout", "ph": "X", "ts": 500000, "pid": 1, "tid": 2, "dur": 1250000,
+         "args": {"version": 3, "uid": 7, "tokens": 40}},
+        {"name": "drop", "cat": "scheduler", "ph": "i", "ts": 1750000, "pid": 5, "tid": 0, "s": "t",
+         "args": {"version": 3, "uid": 7, "staleness": 2.0}},
+        {"name": "learner_step", "cat": "learner", "ph": "X", "ts": 2000000, "pid": 3, "tid": 0, "dur": 1,
+         "args": {"version": 4, "n_seqs": 4, "tokens": 160, "staleness": 0.5}},
+    ]}
+
+
+def test_recorder_uses_callers_clock():
+    now = [10.0]
+    rec = Recorder(lambda: now[0], origin=10.0)
+    rec.instant("admit", version=0, uid=1)
+    t0 = rec.now()
+    now[0] = 12.5
+    rec.span("rollout", t0, uid=1, tokens=8, version=0)
+    assert list(rec) == [Event(t=0.0, kind="admit", version=0, uid=1),
+                         Event(t=0.0, dur_s=2.5, kind="rollout", uid=1, tokens=8, version=0)]
+    assert len(to_frame(rec)) == 2
