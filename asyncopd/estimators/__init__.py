@@ -20,6 +20,7 @@ from asyncopd.estimators.kl import (
     reverse_kl_exact,
     reverse_kl_mc,
     reverse_kl_topk,
+    token_logp,
 )
 from asyncopd.estimators.policy_gradient import (
     CORRECTIONS,
@@ -48,6 +49,6 @@ ESTIMATORS = {
 __all__ = [
     "CORRECTIONS", "DEFAULT_CHUNK_SIZE", "ESTIMATORS", "LOG_RATIO_GUARD", "SIGNALS", "TAILS", "EstimatorOut",
     "forward_kl_exact", "forward_kl_topk", "ngram_repetition", "reference_kl_exact", "reference_kl_penalty",
-    "reverse_kl_exact", "reverse_kl_mc", "reverse_kl_sampled", "reverse_kl_topk", "truncation_rate",
+    "reverse_kl_exact", "reverse_kl_mc", "reverse_kl_sampled", "reverse_kl_topk", "token_logp", "truncation_rate",
     "vcpo_baseline", "vcpo_ess", "vcpo_lr_scale",
 ]

@@ -156,6 +156,21 @@ def _no_aux(x: torch.Tensor) -> torch.Tensor:
     return x.new_zeros(x.shape[0], 0)
 
 
+def token_logp(logits, ids, mask, *, chunk_size=DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """log softmax(logits)[n, ids[n]] per row, [N] fp32, differentiable w.r.t. logits [N, V].
+
+    The learner-time log π_θ(y_t) that reverse_kl_sampled and the reference penalty take. Chunked like the
+    estimators, so neither forward nor backward holds more than one [chunk, V] log-softmax. Masked rows give 0."""
+    N = _check_common(logits, mask, chunk_size)
+    _check_rows("ids", ids, N, 1)
+
+    def rows(x, y):
+        x = x.float()
+        return x.gather(1, y[:, None]).squeeze(1) - torch.logsumexp(x, -1), _no_aux(x)
+
+    return _row_chunked(rows, 0, chunk_size, mask, logits, ids)[0]
+
+
 # --- exact full-vocabulary ------------------------------------------------------------------------------
 
 def forward_kl_exact(student_logits, teacher_logits, mask, *, chunk_size=DEFAULT_CHUNK_SIZE) -> EstimatorOut:

@@ -1,0 +1,115 @@
+"""The OPD objective as configuration: which estimator, on which teacher-cache fields, with which stabilisers.
+
+Every learner (the toy one, the FSDP2 one) computes the student's logits for the response tokens of a batch,
+flattened to [N, V], and calls `opd_loss` with the batch's cache fields flattened the same way (`flat_inputs`).
+What the teacher must put in the cache for a given objective is `cache_layout(cfg)`. Keeping this mapping in
+the core means both backends train on exactly the same loss for the same config string.
+
+    estimator            uses from the cache                         direction
+    forward_kl_topk      teacher top-k ids + logp (+ tail mass)      KL(π_T‖π_θ), robust to stale rollouts
+    reverse_kl_topk      teacher top-k ids + logp as the support     KL(π_θ‖π_T) on the teacher's support
+    reverse_kl_sampled   teacher logp of the sampled token           KL(π_θ‖π_T), 1-sample policy gradient
+    reverse_kl_mc        teacher logp of M sampler draws             KL(π_θ‖π_T), M-sample MC
+
+StableOPD's divergence constraint adds ref_kl_coef · KL(π_θ‖π_ref) on the sampled tokens (k3 estimator), with
+π_ref the initial student.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from asyncopd.cache import TeacherScores
+from asyncopd.estimators import (CORRECTIONS, DEFAULT_CHUNK_SIZE, ESTIMATORS, SIGNALS, TAILS, EstimatorOut,
+                                 reference_kl_penalty, token_logp)
+
+TRAINABLE = ("forward_kl_topk", "reverse_kl_topk", "reverse_kl_sampled", "reverse_kl_mc")  # need no full logits
+
+
+@dataclass
+class ObjectiveConfig:
+    estimator: str = "forward_kl_topk"   # one of TRAINABLE (a key of asyncopd.estimators.ESTIMATORS)
+    topk: int = 8                        # teacher top-k kept in the cache (top-k estimators), >= 1
+    tail: str = "bucket"                 # top-k tail handling: bucket | renorm | none
+    signal: str = "recompute"            # reverse_kl_sampled: stale (log π_β) | recompute (learner-time log π_θ)
+    correction: str = "none"             # reverse_kl_sampled: none | is | tis | clip | decoupled | m2po
+    is_cap: float = 2.0                  # truncation cap of tis / decoupled, > 1
+    clip_eps: float = 0.2                # PPO clip range ε of clip / decoupled, in (0, 1)
+    m2po_tau: float = 0.04               # M2PO second-moment bound, > 0
+    n_samples: int = 4                   # reverse_kl_mc: sampler draws per position, >= 1
+    self_normalize: bool = True          # reverse_kl_mc with a stale sampler: self-normalised IS
+    ref_kl_coef: float = 0.0             # StableOPD divergence-to-reference weight, >= 0 (0 = off)
+    chunk_size: int = DEFAULT_CHUNK_SIZE # rows per vocabulary chunk, >= 1
+
+    def __post_init__(self):
+        choices = {"estimator": TRAINABLE, "tail": TAILS, "signal": SIGNALS, "correction": CORRECTIONS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"ObjectiveConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name, ok, rule in (("topk", self.topk >= 1, ">= 1"), ("is_cap", self.is_cap > 1, "> 1"),
+                               ("clip_eps", 0 < self.clip_eps < 1, "in (0, 1)"), ("m2po_tau", self.m2po_tau > 0, "> 0"),
+                               ("n_samples", self.n_samples >= 1, ">= 1"), ("ref_kl_coef", self.ref_kl_coef >= 0, ">= 0"),
+                               ("chunk_size", self.chunk_size >= 1, ">= 1")):
+            if not ok:
+                raise ValueError(f"ObjectiveConfig.{name} must be {rule}, got {getattr(self, name)!r}")
+        if self.estimator == "reverse_kl_mc" and self.self_normalize and self.n_samples < 2:
+            raise ValueError("ObjectiveConfig.n_samples must be >= 2 with self_normalize=True (reverse_kl_mc)")
+
+    @property
+    def name(self) -> str:
+        """A readable label, e.g. 'reverse_kl_sampled[stale,tis]' or 'forward_kl_topk[k=8,bucket]'."""
+        if self.estimator == "reverse_kl_sampled":
+            return f"reverse_kl_sampled[{self.signal},{self.correction}]"
+        if self.estimator == "reverse_kl_mc":
+            return f"reverse_kl_mc[M={self.n_samples}]"
+        return f"{self.estimator}[k={self.topk},{self.tail}]"
+
+
+def cache_layout(cfg: ObjectiveConfig) -> tuple[int, int]:
+    """(topk, n_samples) the teacher must score for this objective; the sampled-token logp is always kept."""
+    topk = cfg.topk if cfg.estimator in ("forward_kl_topk", "reverse_kl_topk") else 0
+    n_samples = cfg.n_samples if cfg.estimator == "reverse_kl_mc" else 0
+    return topk, n_samples
+
+
+def flat_inputs(scores: list[TeacherScores]) -> dict[str, torch.Tensor]:
+    """Concatenate per-trajectory cache entries along the token axis, in batch order: [N], [N, k], [N, M]."""
+    out = {"teacher_logp": torch.cat([s.sampled_logp for s in scores])}
+    for name in ("topk_ids", "topk_logp", "sample_ids", "sample_logp", "sampler_logp"):
+        if all(getattr(s, name) is not None for s in scores):
+            out[name] = torch.cat([getattr(s, name) for s in scores])
+    return out
+
+
+def opd_loss(cfg: ObjectiveConfig, student_logits: torch.Tensor, response_ids: torch.Tensor,
+             cache: dict[str, torch.Tensor], mask: torch.Tensor, *, behav_logp: torch.Tensor | None = None,
+             ref_logp: torch.Tensor | None = None) -> EstimatorOut:
+    """The configured estimator on flattened inputs: student_logits [N, V] (grad), response_ids [N],
+    cache from `flat_inputs`, mask [N] bool, behav_logp [N] (rollout-time log π_β), ref_logp [N] (reference
+    model on the sampled tokens; needed iff ref_kl_coef > 0). Returns the loss and the estimator's metrics,
+    plus `student_logp_mean` and, with the reference term, `ref_kl`."""
+    fn = ESTIMATORS[cfg.estimator]
+    c = cfg.chunk_size
+    needs_theta = cfg.estimator == "reverse_kl_sampled" or cfg.ref_kl_coef > 0
+    theta = token_logp(student_logits, response_ids, mask, chunk_size=c) if needs_theta else None  # [N]
+    if cfg.estimator == "forward_kl_topk":
+        out = fn(student_logits, cache["topk_ids"], cache["topk_logp"], mask, tail=cfg.tail, chunk_size=c)
+    elif cfg.estimator == "reverse_kl_topk":
+        out = fn(student_logits, cache["topk_ids"], cache["topk_logp"], mask, tail=cfg.tail, chunk_size=c)
+    elif cfg.estimator == "reverse_kl_mc":
+        stale = cache.get("sampler_logp")
+        out = fn(student_logits, cache["sample_ids"], cache["sample_logp"], mask, sample_logp=stale,
+                 self_normalize=cfg.self_normalize, chunk_size=c)
+    else:  # reverse_kl_sampled
+        out = fn(theta, cache["teacher_logp"], mask, behav_logp=behav_logp,
+                 signal=cfg.signal, correction=cfg.correction, is_cap=cfg.is_cap, clip_eps=cfg.clip_eps,
+                 m2po_tau=cfg.m2po_tau)
+    if cfg.ref_kl_coef == 0:
+        return out
+    if ref_logp is None:
+        raise ValueError("opd_loss: ref_kl_coef > 0 needs ref_logp, the reference model's log-prob of each token")
+    ref = reference_kl_penalty(theta, ref_logp, mask)
+    return EstimatorOut(out.loss + cfg.ref_kl_coef * ref.loss, {**out.metrics, "ref_kl": ref.metrics["kl"]})
+
