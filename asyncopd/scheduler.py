@@ -50,7 +50,9 @@ from the initial weights. on_stale and max_staleness are ignored; nothing is dro
 being interchangeable, batch v holds the first B *finished* ones of its version (admission order in lockstep).
 
 Counters conserve at all times: n_admitted == in_flight + n_ready + n_trained + n_dropped.
-A scheduler built with version=v0 (resuming) behaves as a fresh one whose versions are shifted by v0.
+A scheduler built with version=v0 (resuming) behaves as a fresh one whose versions are shifted by v0, except
+that fixed:k keeps its absolute rule: batch v ≥ v0 still uses version max(0, v − k), so a resumed lockstep run
+continues exactly (the driver restores the ring of the last k+1 weight versions).
 
 Operation log (record_ops=True): `ops` is a list of (op, int) tuples, one per state-changing call:
 ("admit", w) try_admit returned w; ("done", uid) on_rollout_done accepted trajectory uid; ("batch", n) next_batch
@@ -155,7 +157,7 @@ class Scheduler:
         B, eta, steps = self.cfg.batch_size, self.cfg.eta, self.version - self._v0
         if self.n_admitted - self.n_dropped >= (steps + eta + 1) * B:
             return None
-        w = self._v0 + max(0, self.n_admitted // B - eta) if self.fixed else self.version
+        w = max(0, self._v0 + self.n_admitted // B - eta) if self.fixed else self.version
         self.n_admitted += 1
         self.in_flight += 1
         self._flying[w] += 1

@@ -225,7 +225,24 @@ def test_resume_shifts_versions():
     sched, f = Scheduler(SchedulerConfig(batch_size=2, max_staleness=1), version=5), {}
     assert admit(sched, f, 5) == [5, 5, 5, 5, None]
     fixed = Scheduler(SchedulerConfig(batch_size=1, fixed_staleness=1), version=5)
-    assert admit(fixed, {}, 3) == [5, 5, None]
+    assert admit(fixed, {}, 3) == [4, 5, None]                 # fixed:k is absolute: batch 5 uses version 4
+
+
+def test_fixed_resume_continues_exactly():
+    """A lockstep driver resumed at version 3 is given the same versions as one that never stopped."""
+    def lockstep(sched, steps):
+        seen = []
+        for _ in range(steps):
+            ws = [sched.try_admit() for _ in range(2)]
+            for i, w in enumerate(ws):
+                sched.on_rollout_done(Trajectory.fake(len(seen) * 2 + i, 3, behav_version=w))
+            seen.append((sched.version, ws, sched.next_batch().staleness))
+            sched.on_learner_step()
+        return seen
+    cfg = SchedulerConfig(batch_size=2, fixed_staleness=2)
+    whole = lockstep(Scheduler(cfg), 6)
+    assert whole[:3] + lockstep(Scheduler(cfg, version=3), 3) == whole
+    assert [s for _, _, s in whole] == [[0, 0], [1, 1], [2, 2], [2, 2], [2, 2], [2, 2]]
 
 
 def test_op_log():
