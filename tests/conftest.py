@@ -1,11 +1,16 @@
-"""Shared test settings: a deterministic Hypothesis profile, and GPU tests skipped without CUDA."""
+"""Shared test settings: one CPU thread, a deterministic Hypothesis profile, GPU tests skipped without CUDA."""
 
-import pytest
-import torch
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")   # tiny models: a second thread only adds contention (and subprocesses inherit this)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from hypothesis import settings
 
 settings.register_profile("ci", derandomize=True, max_examples=50, deadline=None)
 settings.load_profile("ci")
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
