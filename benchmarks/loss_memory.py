@@ -166,7 +166,9 @@ def main() -> None:
         if proc.returncode != 0:
             sys.exit(f"worker {impl} failed:\n{stderr}")
         rows[impl] = json.loads(stdout.strip().splitlines()[-1])
-    ratio = rows["chunked"]["peak_extra_mib"] / rows["naive"]["peak_extra_mib"]
+    naive_peak = rows["naive"]["peak_extra_mib"]
+    # RSS moves in pages: inputs of a few KiB may not move it at all, and then there is no ratio to report
+    ratio = rows["chunked"]["peak_extra_mib"] / naive_peak if naive_peak > 0 else float("nan")
 
     print(f"forward_kl_topk(tail='bucket') fwd+bwd, N={args.n} V={args.v} k={args.k} "
           f"chunk_size={args.chunk_size}, device={rows['naive']['device']} ({rows['naive']['rss_method']})")
