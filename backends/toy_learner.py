@@ -1,0 +1,68 @@
+"""ToyLearner: one AdamW step of on-policy distillation on a tiny HF GPT-2 student.
+
+The learner packs a batch's prompt + response sequences (right-padded), runs the student, flattens the logits
+of the response tokens to [N, V] in batch order, and hands them with the teacher cache to
+`asyncopd.objective.opd_loss`: the estimator is chosen by name in the config, the maths lives in the core.
+Stabilisers: gradient-norm clipping, the corrections inside the estimator, VCPO's ESS-scaled learning rate
+(lr_t = lr · ESS/N, from the estimator's `ess_frac`), and StableOPD's divergence to a frozen copy of the
+initial student (`ref_kl_coef`). A non-finite loss or gradient raises `FloatingPointError` *before* the
+optimiser touches the weights, so the caller's last checkpoint stays the last good state.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from asyncopd.cache import TeacherScores
+from asyncopd.objective import ObjectiveConfig, flat_inputs, opd_loss
+from asyncopd.rollout import Batch
+from backends.toy_models import response_logits
+
+
+class ToyLearner:
+    def __init__(self, model, objective: ObjectiveConfig, *, lr: float, pad_id: int, weight_decay: float = 0.0,
+                 grad_clip: float = 1.0, vcpo_lr: bool = False, betas=(0.9, 0.999)):
+        if lr <= 0 or grad_clip <= 0 or weight_decay < 0:
+            raise ValueError(f"ToyLearner needs lr > 0, grad_clip > 0, weight_decay >= 0; got lr={lr}, "
+                             f"grad_clip={grad_clip}, weight_decay={weight_decay}")
+        self.model, self.objective, self.pad_id = model.train(), objective, pad_id
+        self.lr, self.grad_clip, self.vcpo_lr = lr, grad_clip, vcpo_lr
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+        # StableOPD's reference: the student as it was when the learner was built (the initial student)
+        self.reference = copy.deepcopy(model).eval().requires_grad_(False) if objective.ref_kl_coef > 0 else None
+
+    def step(self, batch: Batch, scores: list[TeacherScores]) -> dict[str, float]:
+        trajs = batch.trajs
+        if len(scores) != len(trajs):
+            raise ValueError(f"{len(scores)} teacher scores for {len(trajs)} trajectories")
+        device = next(self.model.parameters()).device
+        logits = response_logits(self.model, trajs, self.pad_id)                     # [N, V]
+        ids = torch.cat([t.response_ids for t in trajs]).to(device)                  # [N]
+        behav_logp = torch.cat([t.behav_logp for t in trajs]).to(device)            # [N]
+        cache = {k: v.to(device) for k, v in flat_inputs(scores).items()}
+        mask = torch.ones(len(ids), dtype=torch.bool, device=device)
+        ref_logp = None
+        if self.reference is not None:
+            with torch.no_grad():
+                ref_logp = response_logits(self.reference, trajs, self.pad_id).log_softmax(-1)
+                ref_logp = ref_logp.gather(1, ids[:, None]).squeeze(1)
+        out = opd_loss(self.objective, logits, ids, cache, mask, behav_logp=behav_logp, ref_logp=ref_logp)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        if not (torch.isfinite(out.loss) and torch.isfinite(grad_norm)):
+            raise FloatingPointError(f"non-finite loss ({out.loss.item()}) or gradient norm ({grad_norm.item()}) "
+                                     f"at learner version {batch.version}")
+        lr = self.lr * out.metrics.get("ess_frac", 1.0) if self.vcpo_lr else self.lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        return {"loss": out.loss.item(), "grad_norm": grad_norm.item(), "lr": lr, "n_tokens": len(ids),
+                **out.metrics}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The student's weights (detached clones), to publish to rollout engines or keep in the ring."""
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
