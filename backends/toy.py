@@ -32,14 +32,14 @@ import torch
 from tqdm.auto import tqdm
 
 from asyncopd import trace
-from asyncopd.estimators import ngram_repetition, truncation_rate
+from asyncopd.estimators import forward_kl_exact, ngram_repetition, reverse_kl_exact, truncation_rate
 from asyncopd.objective import ObjectiveConfig, cache_layout
 from asyncopd.scheduler import Scheduler, SchedulerConfig
 from backends import checkpoint
 from backends.toy_engine import ToyRolloutEngine
 from backends.toy_learner import ToyLearner
 from backends.toy_models import (STUDENT_SFT, TEACHER_SFT, ModelSpec, load_or_train_teacher,
-                                 load_or_warmup_student)
+                                 load_or_warmup_student, response_logits)
 from backends.toy_task import HELDOUT_SEED, SortTask
 from backends.toy_teacher import ToyTeacher
 
@@ -131,10 +131,33 @@ def config_digest(cfg) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def greedy_accuracy(engine: ToyRolloutEngine, task: SortTask, prompts: list[torch.Tensor], weights, version) -> float:
-    engine.load_weights(weights, version)
-    trajs = engine.generate(prompts, list(range(len(prompts))))
-    return float(np.mean([task.verify(p, t.response_ids) for p, t in zip(prompts, trajs)]))
+class Evaluator:
+    """Held-out metrics of the current student: greedy exact-match accuracy, and the exact forward and reverse
+    KL to the teacher per token on responses sampled from the student at T = 1 (full V-way distributions:
+    the toy vocabulary is small), so every estimator is judged by the same yardstick."""
+
+    def __init__(self, task: SortTask, student, teacher, *, n_prompts: int, seed: int, device):
+        self.task, self.teacher = task, teacher
+        self.prompts = task.make_prompts(n_prompts, HELDOUT_SEED)
+        self.greedy = ToyRolloutEngine(student, max_batch=256, max_new_tokens=task.max_response_len,
+                                       temperature=0.0, eos_id=task.eos_id, device=device)
+        self.sampler = ToyRolloutEngine(student, max_batch=256, max_new_tokens=task.max_response_len,
+                                        eos_id=task.eos_id, seed=seed + 7919, device=device)
+
+    @torch.no_grad()
+    def __call__(self, student, weights, version: int) -> dict[str, float]:
+        uids = list(range(len(self.prompts)))
+        self.greedy.load_weights(weights, version)
+        greedy = self.greedy.generate(self.prompts, uids)
+        self.sampler.load_weights(weights, version)
+        sampled = self.sampler.generate(self.prompts[:256], uids[:256])
+        s_logits = response_logits(student, sampled, self.task.pad_id)
+        t_logits = response_logits(self.teacher, sampled, self.task.pad_id)
+        mask = torch.ones(len(s_logits), dtype=torch.bool, device=s_logits.device)
+        return {"accuracy": float(np.mean([self.task.verify(p, t.response_ids) for p, t in zip(self.prompts, greedy)])),
+                "eval_reverse_kl": reverse_kl_exact(s_logits, t_logits, mask).loss.item(),
+                "eval_forward_kl": forward_kl_exact(s_logits, t_logits, mask).loss.item(),
+                "eval_response_len": float(np.mean([t.n_tokens for t in greedy]))}
 
 
 def run(cfg, out_dir: Path) -> pd.DataFrame:
@@ -153,12 +176,10 @@ def run(cfg, out_dir: Path) -> pd.DataFrame:
     engine = ToyRolloutEngine(student_model, max_batch=toy.engine_slots, max_new_tokens=task.max_response_len,
                               temperature=toy.temperature, eos_id=task.eos_id, seed=cfg.seed,
                               capture_samples=n_samples, device=device)
-    evaluator = ToyRolloutEngine(student_model, max_batch=256, max_new_tokens=task.max_response_len,
-                                 temperature=0.0, eos_id=task.eos_id, device=device)
     teacher = ToyTeacher(teacher_model, batch_size=B, device=device)
     learner = ToyLearner(student_model.to(device), objective, lr=toy.lr, pad_id=task.pad_id,
                          weight_decay=toy.weight_decay, grad_clip=toy.grad_clip, vcpo_lr=toy.vcpo_lr)
-    heldout = task.make_prompts(toy.eval_prompts, HELDOUT_SEED)
+    evaluate = Evaluator(task, student_model, teacher.model, n_prompts=toy.eval_prompts, seed=cfg.seed, device=device)
     weight_bytes = sum(p.numel() * p.element_size() for p in student_model.parameters())
 
     # --- start or resume --------------------------------------------------------------------------------
@@ -178,7 +199,7 @@ def run(cfg, out_dir: Path) -> pd.DataFrame:
             log.info("resume=true but no checkpoint under %s: starting from scratch", ckpt_root)
         start, ring, events = 0, {0: learner.state_dict()}, []
         rows = [{"step": 0, "version": 0, "estimator": objective.name, "staleness_k": k,
-                 "accuracy": greedy_accuracy(evaluator, task, heldout, ring[0], 0)}]
+                 **evaluate(learner.model, ring[0], 0)}]
     sched = Scheduler(SchedulerConfig(batch_size=B, fixed_staleness=k), version=start)
     recorder = trace.Recorder(time.monotonic, origin=time.monotonic() - (events[-1].t if events else 0.0),
                               events=events)
@@ -242,7 +263,7 @@ def run(cfg, out_dir: Path) -> pd.DataFrame:
                "step_s": step_s, "rollout_s": rollout_s, "teacher_s": teacher_s, "learner_s": learner_s,
                "samples_per_s": B / step_s}
         if version % toy.eval_every == 0 or version == cfg.steps:
-            row["accuracy"] = greedy_accuracy(evaluator, task, heldout, learner.state_dict(), version)
+            row.update(evaluate(learner.model, ring[version], version))
         rows.append(row)
         if writer is not None:
             for key, val in row.items():

@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
@@ -180,12 +181,21 @@ def pack(trajs: list[Trajectory], pad_id: int) -> tuple[torch.Tensor, torch.Tens
     return ids, attn, torch.cat(where)
 
 
-def response_logits(model, trajs: list[Trajectory], pad_id: int) -> torch.Tensor:
-    """Student logits at the response tokens, flattened in batch order: [N, V]."""
+def response_logits(model, trajs: list[Trajectory], pad_id: int, n_chunks: int = 4) -> torch.Tensor:
+    """Model logits at the response tokens, flattened in batch order: [N, V].
+
+    Sequences are sorted by length and run in `n_chunks` groups, each padded only to its own longest
+    sequence: with long-tailed lengths one padded [B, S_max] batch wastes most of its compute (as in `sft`)."""
     device = next(model.parameters()).device
-    ids, attn, where = pack(trajs, pad_id)
-    logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits     # [B, S, V]
-    return logits.flatten(0, 1)[where.to(device)]
+    order = sorted(range(len(trajs)), key=lambda i: len(trajs[i].prompt_ids) + trajs[i].n_tokens)
+    pieces: list[torch.Tensor | None] = [None] * len(trajs)
+    for group in np.array_split(np.array(order), min(n_chunks, len(trajs))):
+        sub = [trajs[i] for i in group]
+        ids, attn, where = pack(sub, pad_id)
+        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits     # [b, S_g, V]
+        for i, piece in zip(group, logits.flatten(0, 1)[where.to(device)].split([t.n_tokens for t in sub])):
+            pieces[i] = piece
+    return torch.cat(pieces)
 
 
 # --- reference greedy decoding -------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch
 
 from asyncopd.cache import TeacherScores
 from asyncopd.rollout import Trajectory
-from backends.toy_models import pack
+from backends.toy_models import response_logits
 
 
 class ToyTeacher:
@@ -54,9 +54,8 @@ class ToyTeacher:
         return out
 
     def _score_batch(self, trajs: list[Trajectory], k: int, M: int) -> list[TeacherScores]:
-        ids, attn, where = pack(trajs, pad_id=0)                            # right padding, masked out
-        logits = self.model(ids.to(self.device), attention_mask=attn.to(self.device)).logits
-        logp_all = torch.log_softmax(logits.flatten(0, 1)[where.to(self.device)].float(), -1).cpu()  # [N, V]
+        logits = response_logits(self.model, trajs, pad_id=0)            # [N, V]; padding is masked out
+        logp_all = torch.log_softmax(logits.float(), -1).cpu()
         out = []
         for t, logp in zip(trajs, logp_all.split([t.n_tokens for t in trajs])):  # [L, V]: row j predicts token j
             fields = dict(sampled_logp=logp.gather(1, t.response_ids[:, None]).squeeze(1))

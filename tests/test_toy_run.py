@@ -97,7 +97,8 @@ def test_resume_in_process_continues_exactly(model_cache, tmp_path):
     resumed = run(tiny(model_cache, steps=6, resume=True), tmp_path / "cut")
     # the 3-step run also evaluated at its end (step 3), which the 6-step run does not: mask that one cell
     assert resumed.accuracy.notna().sum() == whole.accuracy.notna().sum() + 1
-    resumed.loc[whole.accuracy.isna(), "accuracy"] = float("nan")
+    evals = ["accuracy", "eval_reverse_kl", "eval_forward_kl", "eval_response_len"]
+    resumed.loc[whole.accuracy.isna(), evals] = float("nan")
     pd.testing.assert_frame_equal(reproducible(resumed), reproducible(whole), check_exact=True)
     with pytest.raises(ValueError, match="different config"):
         run(tiny(model_cache, steps=8, resume=True, seed=5), tmp_path / "cut")
