@@ -173,6 +173,22 @@ def token_logp(logits, ids, mask, *, chunk_size=DEFAULT_CHUNK_SIZE) -> torch.Ten
 
 # --- exact full-vocabulary ------------------------------------------------------------------------------
 
+def _exact_kl(student_logits, teacher_logits, mask, chunk_size, *, student_weighted: bool) -> EstimatorOut:
+    """Σ_v w(v) [log w(v) − log u(v)] per row, w = π_θ (reverse) or π_T (forward), the other one u."""
+    N = _check_common(student_logits, mask, chunk_size)
+    _check_rows("teacher_logits", teacher_logits, N, 2)
+
+    def rows(x, t):
+        logp = torch.log_softmax(x.float(), -1)                   # [n, V]
+        logq = torch.log_softmax(t.float(), -1)                   # [n, V] constant
+        w, u = (logp, logq) if student_weighted else (logq, logp)
+        return _weighted_log_ratio(w, w, u), _no_aux(x)
+
+    per_row, _ = _row_chunked(rows, 0, chunk_size, mask, student_logits, teacher_logits.detach())
+    loss = _masked_mean(per_row, mask)
+    return EstimatorOut(loss, {"kl": loss.item()})
+
+
 def forward_kl_exact(student_logits, teacher_logits, mask, *, chunk_size=DEFAULT_CHUNK_SIZE) -> EstimatorOut:
     """Exact forward KL per token, KL(π_T‖π_θ) = Σ_v π_T(v) [log π_T(v) − log π_θ(v)]. Inputs [N, V], mask [N].
 
@@ -181,17 +197,7 @@ def forward_kl_exact(student_logits, teacher_logits, mask, *, chunk_size=DEFAULT
     (the reference every other estimator is compared with). Hinton et al. 2015 "Distilling the knowledge in
     a neural network"; GKD (Agarwal et al. 2024) with the teacher weighting, i.e. "supervised KD". Teacher
     logits are read one chunk of rows at a time too (chunk_size rows, see `_RowChunked`)."""
-    N = _check_common(student_logits, mask, chunk_size)
-    _check_rows("teacher_logits", teacher_logits, N, 2)
-
-    def rows(x, t):
-        logp = torch.log_softmax(x.float(), -1)                   # [n, V]
-        logq = torch.log_softmax(t.float(), -1)                   # [n, V] constant
-        return _weighted_log_ratio(logq, logq, logp), _no_aux(x)
-
-    per_row, _ = _row_chunked(rows, 0, chunk_size, mask, student_logits, teacher_logits.detach())
-    loss = _masked_mean(per_row, mask)
-    return EstimatorOut(loss, {"kl": loss.item()})
+    return _exact_kl(student_logits, teacher_logits, mask, chunk_size, student_weighted=False)
 
 
 def reverse_kl_exact(student_logits, teacher_logits, mask, *, chunk_size=DEFAULT_CHUNK_SIZE) -> EstimatorOut:
@@ -201,17 +207,7 @@ def reverse_kl_exact(student_logits, teacher_logits, mask, *, chunk_size=DEFAULT
     Bias 0, variance 0: the quantity the sampled and MC estimators in this package estimate, and the
     target of the parity tests (Gu et al. 2024 MiniLLM; Agarwal et al. 2024 GKD with the student weighting).
     Needs full teacher logits, which a finite teacher-score cache does not keep: a reference, not a default."""
-    N = _check_common(student_logits, mask, chunk_size)
-    _check_rows("teacher_logits", teacher_logits, N, 2)
-
-    def rows(x, t):
-        logp = torch.log_softmax(x.float(), -1)                   # [n, V]
-        logq = torch.log_softmax(t.float(), -1)                   # [n, V] constant
-        return _weighted_log_ratio(logp, logp, logq), _no_aux(x)
-
-    per_row, _ = _row_chunked(rows, 0, chunk_size, mask, student_logits, teacher_logits.detach())
-    loss = _masked_mean(per_row, mask)
-    return EstimatorOut(loss, {"kl": loss.item()})
+    return _exact_kl(student_logits, teacher_logits, mask, chunk_size, student_weighted=True)
 
 
 # --- sparse top-k ---------------------------------------------------------------------------------------
