@@ -3,7 +3,9 @@
 A `Trajectory` is one sampled response. Staleness is counted in learner weight versions: a trajectory
 whose weights changed while it was being generated (an in-flight weight update) carries a version per
 token, and its `behav_version` is the *oldest* of them, so the staleness the scheduler bounds is the worst
-case over its tokens. The simulator builds content-free trajectories with `Trajectory.fake`; backends
+case over its tokens. `admit_version` is the version the scheduler admitted it at: a worker that received
+newer weights before starting it (a concurrent run) returns behav_version > admit_version; it defaults to
+behav_version. The simulator builds content-free trajectories with `Trajectory.fake`; backends
 fill in the tensors.
 """
 
@@ -31,12 +33,18 @@ class Trajectory:
     sample_ids: torch.Tensor | None = None        # [L, M] int64, M extra tokens drawn from π_β at each position (MC)
     sample_behav_logp: torch.Tensor | None = None # [L, M] float32, log π_β of those samples
     prompt_key: int = -1                          # which prompt (for grouping / verification); -1 = none
+    admit_version: int | None = None              # version the scheduler admitted it at; None = behav_version
 
     def __post_init__(self):
         if self.n_tokens < 0:
             raise ValueError(f"Trajectory.n_tokens must be >= 0, got {self.n_tokens}")
         if self.behav_version < 0:
             raise ValueError(f"Trajectory.behav_version must be >= 0, got {self.behav_version}")
+        if self.admit_version is None:
+            self.admit_version = self.behav_version
+        if not 0 <= self.admit_version <= self.behav_version:
+            raise ValueError(f"Trajectory.admit_version must be in [0, behav_version={self.behav_version}], "
+                             f"got {self.admit_version}")
         if self.finish_reason not in FINISH_REASONS:
             raise ValueError(f"Trajectory.finish_reason must be one of {FINISH_REASONS}, got {self.finish_reason!r}")
         for name in ("response_ids", "behav_logp", "token_versions", "student_topk_ids", "student_topk_logp",

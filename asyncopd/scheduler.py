@@ -8,11 +8,15 @@ Notation: B = batch_size, v = learner weight version (= learner steps taken), η
 trained at version v has staleness v − β, with β = traj.behav_version, the oldest weight version among its
 tokens (rollout.py). The learner trains exactly one batch of B per version.
 
-Driver contract. `try_admit` returns the behaviour version w the rollout must *start* with, and the trajectory
-must come back with behav_version == w. Weights may be updated in flight (later tokens newer, newest_version ≤ v),
-which leaves the oldest version, hence behav_version, at w. The scheduler counts outstanding admissions per
-version and rejects a trajectory whose behav_version has none outstanding. Trajectories of the same behaviour
-version are interchangeable: no uids are tracked.
+Driver contract. `try_admit` returns the behaviour version w the rollout must *start* with (or newer), and the
+trajectory must come back with admit_version == w (Trajectory.admit_version defaults to behav_version, so a
+driver that starts exactly at w sets nothing). Weights may be updated in flight (later tokens newer,
+newest_version ≤ v), which leaves the oldest version, hence behav_version, at w. A concurrent worker that
+already holds newer weights when it starts the rollout returns behav_version > admit_version = w: the admission
+is matched by admit_version, while staleness, ordering and drops use behav_version (never older than w, so every
+bound below still holds). The scheduler counts outstanding admissions per version and rejects a trajectory whose
+admit_version has none outstanding. Trajectories of the same admission version are interchangeable: no uids are
+tracked.
 
 **Bounded-async mode** (fixed_staleness=None). try_admit returns w = v (the newest weights) iff
 
@@ -166,16 +170,16 @@ class Scheduler:
 
     def on_rollout_done(self, traj: Trajectory) -> None:
         """Take back a finished rollout: it joins the ready pool, or is dropped if already too stale."""
-        w = traj.behav_version
-        if self._flying[w] == 0:                   # Counter lookup: 0 when absent, inserts nothing
-            raise ValueError(f"trajectory {traj.uid} has behav_version={w} but no rollout admitted at that "
-                             f"version is in flight (outstanding: {dict(sorted(self._flying.items()))})")
+        a, w = traj.admit_version, traj.behav_version      # admission matched by a; staleness counted from w >= a
+        if self._flying[a] == 0:                   # Counter lookup: 0 when absent, inserts nothing
+            raise ValueError(f"trajectory {traj.uid} has admit_version={a} (behav_version={w}) but no rollout "
+                             f"admitted at that version is in flight (outstanding: {dict(sorted(self._flying.items()))})")
         if traj.newest_version > self.version:
             raise ValueError(f"trajectory {traj.uid} has a token from version {traj.newest_version}, "
                              f"newer than the learner's {self.version}")
-        self._flying[w] -= 1
-        if self._flying[w] == 0:
-            del self._flying[w]
+        self._flying[a] -= 1
+        if self._flying[a] == 0:
+            del self._flying[a]
         self.in_flight -= 1
         heapq.heappush(self._ready, (w, self._seq, traj))
         self._seq += 1

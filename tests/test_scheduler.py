@@ -3,6 +3,8 @@
 Rollouts are numbered by admission index (uid = n_admitted before the admit), as a replaying driver would.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 from hypothesis import given
@@ -336,3 +338,20 @@ def test_fixed_rejects_wrong_version():
     assert [sched.try_admit(), sched.try_admit()] == [0, 0]
     with pytest.raises(ValueError, match="behav_version=1"):
         sched.on_rollout_done(traj(0, 1))
+
+
+def test_admit_version_matches_admission_when_started_on_newer_weights():
+    # η=1, B=1: a rollout admitted at v=0 is started by a worker that already holds version 1
+    sched = Scheduler(SchedulerConfig(batch_size=1, max_staleness=1))
+    assert [sched.try_admit(), sched.try_admit()] == [0, 0]
+    sched.on_rollout_done(traj(0, 0))
+    sched.next_batch()
+    sched.on_learner_step()                                   # v = 1
+    late = Trajectory(uid=1, behav_version=1, n_tokens=2, token_versions=torch.tensor([1, 1]), admit_version=0)
+    with pytest.raises(ValueError, match="admit_version=1"):
+        sched.on_rollout_done(replace(late, admit_version=1))  # nothing admitted at 1 is in flight
+    sched.on_rollout_done(late)                               # matched by admit_version, staleness from behav
+    assert sched.next_batch().staleness == [0]
+    assert sched.counts() == dict(version=1, n_admitted=2, in_flight=0, n_ready=0, n_trained=2, n_dropped=0)
+    with pytest.raises(ValueError, match="admit_version"):
+        Trajectory(uid=2, behav_version=0, n_tokens=0, admit_version=1)   # started on weights older than admitted
