@@ -2,6 +2,7 @@
 
     python -m backends.run backend=toy exec=lockstep staleness=fixed:2 estimator=reverse_kl_stale steps=50 \
         seed=0 hydra.run.dir=outputs/rkl_k2
+    python -m backends.run backend=toy exec=concurrent staleness=2 concurrent.weight_update=in_flight steps=50
     python -m backends.run ... resume=true            # continue the run in hydra.run.dir from its last checkpoint
     python -m backends.run --multirun estimator=forward_kl_topk,reverse_kl_stale staleness=fixed:0,fixed:4
 
@@ -22,24 +23,26 @@ from omegaconf import DictConfig, OmegaConf
 
 from asyncopd.objective import ObjectiveConfig
 from backends.toy import ToyConfig, parse_staleness
+from backends.toy_concurrent import ConcurrentConfig, parse_eta
 
 log = logging.getLogger(__name__)
 BACKENDS = ("toy",)          # vllm_fsdp arrives with the real backend
-EXECS = ("lockstep",)        # concurrent arrives with the multi-process toy mode
+EXECS = ("lockstep", "concurrent")
 LOGGERS = ("csv", "tensorboard")
 
 
 @dataclass
 class RunConfig:
     backend: str = "toy"                 # which engine set runs the job: toy
-    exec: str = "lockstep"               # lockstep: one process, deterministic staleness
-    staleness: str = "fixed:0"           # fixed:k = every batch k versions old (after a k-step warm-up)
+    exec: str = "lockstep"               # lockstep: one process, deterministic | concurrent: processes, wall clock
+    staleness: str = "fixed:0"           # lockstep: fixed:k = every batch k versions old; concurrent: η (0 = sync)
     steps: int = 100                     # learner steps, >= 1
     seed: int = 0                        # prompts and sampling; models have their own toy.model_seed
     resume: bool = False                 # continue from the last checkpoint in the output folder
     logger: str = "csv"                  # csv | tensorboard (metrics.csv is always written)
     toy: ToyConfig = field(default_factory=ToyConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    concurrent: ConcurrentConfig = field(default_factory=ConcurrentConfig)   # exec=concurrent only
 
     def __post_init__(self):
         for name, allowed in (("backend", BACKENDS), ("exec", EXECS), ("logger", LOGGERS)):
@@ -49,13 +52,16 @@ class RunConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
-        parse_staleness(self.staleness)
+        parse_eta(self.staleness) if self.exec == "concurrent" else parse_staleness(self.staleness)
 
 
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
 def run(cfg: RunConfig, out_dir: Path):
+    if cfg.backend == "toy" and cfg.exec == "concurrent":
+        from backends import toy_concurrent
+        return toy_concurrent.run(cfg, out_dir)
     if cfg.backend == "toy":
         from backends import toy
         return toy.run(cfg, out_dir)

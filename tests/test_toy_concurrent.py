@@ -1,0 +1,105 @@
+"""The toy backend's concurrent run: staleness bound, conservation, synchronous η=0, crash and resume handling.
+
+Multi-process runs (spawn: each child imports torch) take a few seconds each, so they are marked slow."""
+
+import json
+import multiprocessing as mp
+import os
+from pathlib import Path
+
+import pytest
+
+from asyncopd import trace
+from asyncopd.objective import ObjectiveConfig
+from backends.run import RunConfig, run
+from backends.toy import ToyConfig
+from backends.toy_concurrent import CRASH_ENV, ConcurrentConfig
+from test_toy_run import TINY
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("model_cache"))
+
+
+def tiny(model_cache, eta=1, **kw):
+    toy = ToyConfig(**{**TINY, "cache_dir": model_cache, **kw.pop("toy", {})})
+    return RunConfig(exec="concurrent", staleness=str(eta), steps=kw.pop("steps", 4), resume=kw.pop("resume", False), toy=toy,
+                     objective=ObjectiveConfig("reverse_kl_sampled", signal="stale", correction="tis"),
+                     concurrent=ConcurrentConfig(**kw))
+
+
+def child_pids() -> set[int]:
+    """Live children of this process, except multiprocessing's resource tracker (one per interpreter, by design)."""
+    pids = {int(c) for t in Path(f"/proc/{os.getpid()}/task").iterdir() for c in (t / "children").read_text().split()}
+    return {p for p in pids if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()}
+
+
+def check_conservation(out_dir: Path, eta: int):
+    df, info = trace.read(out_dir / "trace.csv"), json.loads((out_dir / "run_info.json").read_text())
+    counts = info["scheduler"]
+    steps = df[df.kind == "learner_step"]
+    admitted, dropped = set(df.uid[df.kind == "admit"]), df.uid[df.kind == "drop"]
+    # every admitted trajectory is trained, dropped, or still in flight / ready when the run ends
+    assert len(admitted) == counts["n_admitted"] == (steps.n_seqs.sum() + len(dropped) + counts["in_flight"]
+                                                     + counts["n_ready"])
+    assert len(dropped) == counts["n_dropped"] and set(dropped) <= admitted
+    assert set(df.uid[df.kind == "rollout"]) <= admitted
+    # a rollout starts on weights no older than its admission (newer if they arrived first: admit_version)
+    versions = df[df.kind == "rollout"].merge(df[df.kind == "admit"], on="uid", suffixes=("", "_admit"))
+    assert (versions.version >= versions.version_admit).all()
+    assert (df[df.kind == "drop"].staleness > eta).all()
+    return df
+
+
+@pytest.mark.slow
+def test_bounded_async_staleness_and_conservation(model_cache, tmp_path):
+    # 2 engine slots for 16 admissions: requests queue in the engine and many start after a weight update
+    m = run(tiny(model_cache, eta=1, kv_on_update="recompute", toy={"engine_slots": 2}), tmp_path)
+    trained = m[m.step > 0]
+    assert trained.step.tolist() == [1, 2, 3, 4] and (trained.staleness_max <= 1).all()
+    df = check_conservation(tmp_path, eta=1)
+    versions = df[df.kind == "rollout"].merge(df[df.kind == "admit"], on="uid", suffixes=("", "_admit"))
+    assert (versions.version > versions.version_admit).any()     # the admit_version path was exercised
+    assert df[df.kind == "learner_step"].version.tolist() == [1, 2, 3, 4]
+    assert {"decode_iter", "rollout", "teacher", "weight_sync", "admit"} <= set(df.kind)
+    assert (tmp_path / "trace.json").exists() and (tmp_path / "checkpoint" / "latest").exists()
+    assert not child_pids()
+
+
+@pytest.mark.slow
+def test_eta0_trains_only_fresh_rollouts(model_cache, tmp_path):
+    m = run(tiny(model_cache, eta=0, placement="colocate_teacher_with_rollout", weight_update="between_rollouts"),
+            tmp_path)
+    trained = m[m.step > 0]
+    assert (trained.staleness_max == 0).all() and (trained.n_dropped == 0).all()
+    check_conservation(tmp_path, eta=0)
+    assert json.loads((tmp_path / "run_info.json").read_text())["placement"] == "colocate_teacher_with_rollout"
+    assert json.loads((tmp_path / "trace.json").read_text())["otherData"]["placement"] == "colocate_teacher_with_rollout"
+
+
+@pytest.mark.slow
+def test_worker_crash_names_the_worker_and_leaves_no_process(model_cache, tmp_path, monkeypatch):
+    monkeypatch.setenv(CRASH_ENV, "3")
+    with pytest.raises(RuntimeError, match="rollout worker 0"):
+        run(tiny(model_cache, eta=1, steps=50), tmp_path)
+    assert not mp.active_children() and not child_pids()
+
+
+@pytest.mark.slow
+def test_resume_continues(model_cache, tmp_path):
+    run(tiny(model_cache, eta=2, steps=2, rollout_workers=2), tmp_path)
+    m = run(tiny(model_cache, eta=2, steps=4, rollout_workers=2, resume=True), tmp_path)
+    assert m.step.tolist() == [0, 1, 2, 3, 4] and (m[m.step > 0].staleness_max <= 2).all()
+    assert json.loads((tmp_path / "run_info.json").read_text())["resumed_from_step"] == 2
+    assert trace.read(tmp_path / "trace.csv").query("kind == 'learner_step'").version.tolist() == [1, 2, 3, 4]
+
+
+def test_concurrent_config_validation():
+    with pytest.raises(ValueError, match="lockstep-only"):
+        RunConfig(exec="concurrent", staleness="fixed:1")
+    with pytest.raises(ValueError, match="fixed"):
+        RunConfig(exec="lockstep", staleness="1")
+    with pytest.raises(ValueError, match="placement"):
+        ConcurrentConfig(placement="everywhere")
+    assert RunConfig(exec="concurrent", staleness="3").exec == "concurrent"
