@@ -90,3 +90,16 @@ def load(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer
         v, k = name.split("/", 1)
         ring.setdefault(int(v), {})[k] = t
     return ring, state
+
+
+def resume(root: Path, *, digest: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    """Restore the latest checkpoint under `root` written by a config with this `digest`: (path, ring, state),
+    or None if there is none. A checkpoint of a different config raises ValueError (only steps may change)."""
+    path = latest(root)
+    if path is None:
+        return None
+    ring, state = load(path, model=model, optimizer=optimizer)
+    if state["config_digest"] != digest:
+        raise ValueError(f"resume: {path} was written by a different config (digest {state['config_digest']} "
+                         f"!= {digest}); only steps may change on resume")
+    return path, ring, state

@@ -184,12 +184,10 @@ def run(cfg, out_dir: Path) -> pd.DataFrame:
 
     # --- start or resume --------------------------------------------------------------------------------
     ckpt_root, digest = out_dir / "checkpoint", config_digest(cfg)
-    resume_from = checkpoint.latest(ckpt_root) if cfg.resume else None
-    if resume_from is not None:
-        ring, state = checkpoint.load(resume_from, model=learner.model, optimizer=learner.optimizer)
-        if state["config_digest"] != digest:
-            raise ValueError(f"resume: {resume_from} was written by a different config (digest "
-                             f"{state['config_digest']} != {digest}); only steps may change on resume")
+    resumed = cfg.resume and checkpoint.resume(ckpt_root, digest=digest, model=learner.model,
+                                               optimizer=learner.optimizer)
+    if resumed:
+        resume_from, ring, state = resumed
         start = state["version"]
         rows = pd.read_csv(out_dir / "metrics.csv").query("step <= @start").to_dict("records")
         events = trace.from_frame(trace.read(out_dir / "trace.csv").iloc[:state["n_events"]])

@@ -255,12 +255,10 @@ def run(cfg, out_dir: Path) -> pd.DataFrame:
     evaluate = Evaluator(task, student_model, teacher_model, n_prompts=toy.eval_prompts, seed=cfg.seed, device="cpu")
 
     ckpt_root, digest = out_dir / "checkpoint", config_digest(cfg)
-    resume_from = checkpoint.latest(ckpt_root) if cfg.resume else None
-    if resume_from is not None:
-        _, state = checkpoint.load(resume_from, model=learner.model, optimizer=learner.optimizer)
-        if state["config_digest"] != digest:
-            raise ValueError(f"resume: {resume_from} was written by a different config (digest "
-                             f"{state['config_digest']} != {digest}); only steps may change on resume")
+    resumed = cfg.resume and checkpoint.resume(ckpt_root, digest=digest, model=learner.model,
+                                               optimizer=learner.optimizer)
+    if resumed:
+        resume_from, _, state = resumed
         start, next_uid = state["version"], state["next_uid"]
         rows = pd.read_csv(out_dir / "metrics.csv").query("step <= @start").to_dict("records")
         events = trace.from_frame(trace.read(out_dir / "trace.csv").query("t <= @state['t_ckpt']"))
