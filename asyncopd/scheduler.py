@@ -69,7 +69,7 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from asyncopd.rollout import Batch, Trajectory
 

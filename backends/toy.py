@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from asyncopd import trace
 from asyncopd.estimators import forward_kl_exact, ngram_repetition, reverse_kl_exact, truncation_rate
-from asyncopd.objective import ObjectiveConfig, cache_layout
+from asyncopd.objective import cache_layout
 from asyncopd.scheduler import Scheduler, SchedulerConfig
 from backends import checkpoint
 from backends.toy_engine import ToyRolloutEngine
@@ -129,6 +129,17 @@ def config_digest(cfg) -> str:
     """What a resumed run must share with the one it continues (everything but steps, resume, logger)."""
     keep = {k: v for k, v in asdict(cfg).items() if k not in ("steps", "resume", "logger")}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def batch_monitors(task: SortTask, batch) -> dict[str, float]:
+    """Per-batch monitors every toy run logs: staleness, response length, and StableOPD's length-inflation
+    signals (truncation rate, 3-gram repetition), plus the batch's exact-match rate against the verifier."""
+    lengths = [t.n_tokens for t in batch.trajs]
+    return {"staleness_mean": float(np.mean(batch.staleness)), "staleness_max": max(batch.staleness),
+            "response_len_mean": float(np.mean(lengths)), "response_len_max": max(lengths),
+            "truncation_rate": truncation_rate([t.finish_reason for t in batch.trajs]),
+            "repetition_rate": float(np.mean([ngram_repetition(t.response_ids, 3) for t in batch.trajs])),
+            "train_accuracy": float(np.mean([task.verify(t.prompt_ids, t.response_ids) for t in batch.trajs]))}
 
 
 class Evaluator:
@@ -249,15 +260,9 @@ def run(cfg, out_dir: Path) -> pd.DataFrame:
         for old in [u for u in ring if u < version - k]:
             del ring[old]
 
-        lengths = [t.n_tokens for t in batch.trajs]
         step_s = time.monotonic() - t_step
         row = {"step": version, "version": version, "estimator": objective.name, "staleness_k": k,
-               "staleness_mean": float(np.mean(batch.staleness)), "staleness_max": max(batch.staleness),
-               "response_len_mean": float(np.mean(lengths)), "response_len_max": max(lengths),
-               "truncation_rate": truncation_rate([t.finish_reason for t in batch.trajs]),
-               "repetition_rate": float(np.mean([ngram_repetition(t.response_ids, 3) for t in batch.trajs])),
-               "train_accuracy": float(np.mean([task.verify(t.prompt_ids, t.response_ids) for t in batch.trajs])),
-               **metrics, "ess": metrics.get("ess", float("nan")),
+               **batch_monitors(task, batch), **metrics, "ess": metrics.get("ess", float("nan")),
                "step_s": step_s, "rollout_s": rollout_s, "teacher_s": teacher_s, "learner_s": learner_s,
                "samples_per_s": B / step_s}
         if version % toy.eval_every == 0 or version == cfg.steps:

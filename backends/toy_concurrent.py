@@ -49,11 +49,10 @@ import pandas as pd
 import torch
 
 from asyncopd import trace
-from asyncopd.estimators import ngram_repetition, truncation_rate
 from asyncopd.objective import cache_layout
 from asyncopd.scheduler import Scheduler, SchedulerConfig
 from backends import checkpoint
-from backends.toy import Evaluator, build_models, config_digest
+from backends.toy import Evaluator, batch_monitors, build_models, config_digest
 from backends.toy_engine import ToyRolloutEngine
 from backends.toy_learner import ToyLearner
 from backends.toy_teacher import ToyTeacher
@@ -385,15 +384,10 @@ def run(cfg, out_dir: Path) -> pd.DataFrame:
             msg = _dumps((version, learner.state_dict()))
             for q in weights_qs:                          # publish; each worker loads the newest it has
                 q.put(msg)
-            lengths, now = [t.n_tokens for t in batch.trajs], time.monotonic()
+            now = time.monotonic()
             step_s, t_step = now - t_step, now
             row = {"step": version, "version": version, "estimator": objective.name, "eta": eta,
-                   "staleness_mean": float(np.mean(batch.staleness)), "staleness_max": max(batch.staleness),
-                   "response_len_mean": float(np.mean(lengths)), "response_len_max": max(lengths),
-                   "truncation_rate": truncation_rate([t.finish_reason for t in batch.trajs]),
-                   "repetition_rate": float(np.mean([ngram_repetition(t.response_ids, 3) for t in batch.trajs])),
-                   "train_accuracy": float(np.mean([task.verify(t.prompt_ids, t.response_ids) for t in batch.trajs])),
-                   **metrics, "ess": metrics.get("ess", float("nan")), "n_dropped": batch.n_dropped,
+                   **batch_monitors(task, batch), **metrics, "ess": metrics.get("ess", float("nan")), "n_dropped": batch.n_dropped,
                    "step_s": step_s, "learner_s": learner_s, "samples_per_s": B / step_s,
                    **{k: v for k, v in sched.counts().items() if k != "version"}}
             if version % toy.eval_every == 0 or version == cfg.steps:

@@ -137,7 +137,6 @@ def test_recompute_surrogate_gradient_matches_exact_reverse_kl(stale):
 
 def test_stale_samples_without_correction_are_biased():
     z, logq, g = _policy(seed=2)
-    logp = torch.log_softmax(z, -1)
     log_beh = torch.log_softmax(z + 1.5 * torch.randn(5, generator=g), -1)
     y = torch.multinomial(log_beh.exp(), 20000, replacement=True, generator=g)
     zz = z.clone().requires_grad_(True)
