@@ -1,0 +1,113 @@
+"""What the simulator needs to know about a cluster: per-role costs, the cluster shape and the workload.
+
+The one idea: every cost is a small linear form, so a measured trace can fit it (calibration, issue 7) and a
+replica can be advanced analytically. A rollout replica running n sequences takes one decode iteration of
+
+    step_s(n) = decode_step_s + (n − 1) · decode_step_s_per_seq                 (n ≥ 1)
+
+and produces one token per running sequence. Prefill, teacher scoring and the learner are linear in tokens.
+Every field is validated in `__post_init__` (ValueError naming the field and its range). Times in seconds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+DISTS = ("fixed", "lognormal", "empirical")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _check_time(obj, name: str, positive: bool = False) -> None:
+    x = getattr(obj, name)
+    ok = isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
+    if not ok or x < 0 or (positive and x == 0):
+        rng = "> 0" if positive else ">= 0"
+        raise ValueError(f"{type(obj).__name__}.{name} must be a finite number {rng}, got {x!r}")
+
+
+def _check_int(obj, name: str, lo: int) -> None:
+    x = getattr(obj, name)
+    if not _is_int(x) or x < lo:
+        raise ValueError(f"{type(obj).__name__}.{name} must be an int >= {lo}, got {x!r}")
+
+
+@dataclass  # not frozen: Hydra overrides (see scheduler.SchedulerConfig)
+class CostModel:
+    decode_step_s: float = 0.02          # s, one decode iteration of a replica at batch 1, > 0
+    decode_step_s_per_seq: float = 2e-4  # s, added to an iteration per extra running sequence, >= 0
+    prefill_s_per_token: float = 2e-5    # s per prompt token, paid when a sequence joins a replica, >= 0
+    max_batch: int = 64                  # concurrent sequences per rollout replica, >= 1
+    teacher_s_per_token: float = 5e-5    # s per scored position (prompt + response) on one teacher replica, >= 0
+    learner_s_per_token: float = 1e-4    # s per trained response token, >= 0
+    learner_step_s: float = 0.5          # s, fixed cost per learner step, >= 0
+    weight_sync_s: float = 0.2           # s to publish new weights to every rollout replica, >= 0
+
+    def __post_init__(self):
+        _check_time(self, "decode_step_s", positive=True)
+        for name in ("decode_step_s_per_seq", "prefill_s_per_token", "teacher_s_per_token",
+                     "learner_s_per_token", "learner_step_s", "weight_sync_s"):
+            _check_time(self, name)
+        _check_int(self, "max_batch", 1)
+
+    def step_s(self, n: int) -> float:
+        """One decode iteration with n ≥ 1 running sequences."""
+        return self.decode_step_s + (n - 1) * self.decode_step_s_per_seq
+
+
+@dataclass
+class ClusterShape:
+    rollout_replicas: int = 1            # rollout engines, each with its own continuous batch, >= 1
+    teacher_replicas: int = 1            # teacher servers, each scores one trajectory at a time, >= 1
+
+    def __post_init__(self):
+        _check_int(self, "rollout_replicas", 1)
+        _check_int(self, "teacher_replicas", 1)
+
+
+@dataclass
+class LengthDist:
+    dist: str = "fixed"                  # "fixed" | "lognormal" | "empirical"
+    mean: float = 256.0                  # tokens: the length (fixed) or the untruncated mean (lognormal), >= 1
+    sigma: float = 0.5                   # lognormal shape (std of log length), >= 0
+    max: int = 1024                      # tokens, every sample is truncated to at most this, >= 1
+    values: list[int] = field(default_factory=list)  # empirical: observed lengths, sampled uniformly
+
+    def __post_init__(self):
+        if self.dist not in DISTS:
+            raise ValueError(f"LengthDist.dist must be one of {DISTS}, got {self.dist!r}")
+        _check_time(self, "sigma")
+        _check_int(self, "max", 1)
+        if not (isinstance(self.mean, (int, float)) and math.isfinite(self.mean) and self.mean >= 1):
+            raise ValueError(f"LengthDist.mean must be a finite number >= 1, got {self.mean!r}")
+        if self.dist == "empirical" and (len(self.values) == 0 or not all(_is_int(v) and v >= 1 for v in self.values)):
+            raise ValueError(f"LengthDist.values must be a non-empty list of ints >= 1 for dist='empirical', "
+                             f"got {self.values!r}")
+
+    def sample(self, rng: np.random.Generator) -> int:
+        """One response length in [1, max]."""
+        if self.dist == "fixed":
+            n = round(self.mean)
+        elif self.dist == "lognormal":        # E[exp(N(μ, σ²))] = mean  =>  μ = log(mean) − σ²/2
+            n = round(rng.lognormal(math.log(self.mean) - self.sigma ** 2 / 2, self.sigma))
+        else:
+            n = int(self.values[rng.integers(len(self.values))])
+        return int(min(self.max, max(1, n)))
+
+
+@dataclass
+class Workload:
+    batch_size: int = 64                 # trajectories per learner step (B), >= 1; overrides the scheduler's
+    prompt_len: int = 128                # tokens per prompt, >= 0
+    length: LengthDist = field(default_factory=LengthDist)  # response lengths
+
+    def __post_init__(self):
+        _check_int(self, "batch_size", 1)
+        _check_int(self, "prompt_len", 0)
+        if isinstance(self.length, dict):
+            self.length = LengthDist(**self.length)

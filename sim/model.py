@@ -1,0 +1,211 @@
+"""SimPy model of asynchronous OPD: rollout replicas, teacher replicas, learner and weight sync.
+
+The one idea: the processes own time; the staleness policy is `asyncopd.scheduler.Scheduler`, called exactly as a
+backend calls it (try_admit, on_rollout_done, next_batch, on_learner_step), and every process writes
+`asyncopd.trace.Event`s through `trace.Recorder(lambda: env.now)`. Staleness comes only from the scheduler.
+
+Semantics (the choices a calibration must match):
+- Rollout replica: continuous batching up to `max_batch`. At each change of its batch it admits with `try_admit()`
+  until full or refused; the returned version is the behaviour version (weights are never swapped in flight, so
+  behav_version == admit_version). Newcomers are prefilled one after another (prefill_s_per_token·prompt_len
+  each) while the running sequences stall. With n running, one iteration takes `CostModel.step_s(n)`, so the
+  replica sleeps (min remaining tokens)·step_s(n) in one timeout, not one event per token. If the scheduler frees
+  capacity meanwhile (a weight update or a drop) and the replica has room, it wakes, finishes the current
+  iteration, subtracts the whole iterations done and admits. No `decode_iter` events are written: the model has
+  no per-iteration events (the real engines write them for calibration).
+- Teacher: a Store of generated trajectories served by `teacher_replicas` processes; scoring one costs
+  teacher_s_per_token·(prompt_len + n_tokens). Only then is the trajectory handed to `on_rollout_done`.
+- Learner: waits for `next_batch()`, trains learner_step_s + learner_s_per_token·(response tokens), then syncs
+  for weight_sync_s, and only then calls `on_learner_step()`. So the scheduler's version is the version the
+  rollout replicas hold: rollouts admitted during the sync get the old version, those admitted after it the new.
+- Summary: T = time the last sync ends. A trajectory is "trained" when `next_batch` returns it; latency is
+  admission → that moment, in_flight counts admitted, not yet trained and not dropped (Little's law holds
+  exactly up to the end effect when nothing is dropped). util_learner counts training, not sync.
+
+Run: `events, summary = simulate(ClusterShape(), CostModel(), Workload(), SchedulerConfig(max_staleness=1), 100)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import simpy
+
+from asyncopd.rollout import Trajectory
+from asyncopd.scheduler import Scheduler, SchedulerConfig
+from asyncopd.trace import Event, Recorder
+from sim.costs import ClusterShape, CostModel, Workload
+
+
+class _Sim:
+    """Shared state of one run: scheduler, recorder, wake-up events and the accounting the summary needs."""
+
+    def __init__(self, env, cluster, costs, workload, sched_cfg, seed):
+        self.env, self.cluster, self.costs, self.workload = env, cluster, costs, workload
+        self.sched = Scheduler(sched_cfg)
+        self.rec = Recorder(lambda: env.now)
+        self.rng = np.random.default_rng(seed)
+        self.teacher_queue = simpy.Store(env)
+        self.capacity = env.event()          # fires when try_admit may succeed again (step or drop)
+        self.ready = env.event()             # fires when a trajectory reaches the ready pool
+        self.next_uid = 0
+        self.admit_t: dict[int, float] = {}  # uid -> admission time, until trained or dropped
+        self.pool: dict[int, Trajectory] = {}  # mirror of the ready pool in arrival order, to name drops
+        self.busy = {"rollout": [0.0] * cluster.rollout_replicas, "teacher": [0.0] * cluster.teacher_replicas,
+                     "learner": [0.0]}
+        self.busy_from = {k: [None] * len(v) for k, v in self.busy.items()}
+        self.n_live, self.live_area, self.live_t = 0, 0.0, 0.0
+        self.latencies: list[float] = []
+        self.staleness: list[int] = []
+        self.trained_tokens = 0
+
+    def wake(self, name: str) -> None:
+        ev = getattr(self, name)
+        setattr(self, name, self.env.event())
+        ev.succeed()
+
+    def set_busy(self, role: str, i: int, on: bool) -> None:
+        t0 = self.busy_from[role][i]
+        if on and t0 is None:
+            self.busy_from[role][i] = self.env.now
+        elif not on and t0 is not None:
+            self.busy[role][i] += self.env.now - t0
+            self.busy_from[role][i] = None
+
+    def add_live(self, d: int) -> None:
+        now = self.env.now
+        self.live_area += self.n_live * (now - self.live_t)
+        self.n_live, self.live_t = self.n_live + d, now
+
+    def record_drops(self, n_before: int) -> None:
+        """Name the trajectories the scheduler just dropped: the oldest (behav_version, arrival) in the pool."""
+        d = self.sched.n_dropped - n_before
+        if d == 0:
+            return
+        for traj in sorted(self.pool.values(), key=lambda t: t.behav_version)[:d]:   # stable: arrival order
+            del self.pool[traj.uid]
+            self.admit_t.pop(traj.uid)
+            self.rec.instant("drop", uid=traj.uid, version=traj.behav_version,
+                             staleness=self.sched.version - traj.behav_version)
+        self.add_live(-d)
+        self.wake("capacity")
+
+
+def _whole_iters(elapsed: float, step: float) -> int:
+    """Iterations started by `elapsed` seconds: a partly done iteration counts (it is finished before admitting)."""
+    q = elapsed / step
+    return round(q) if abs(q - round(q)) < 1e-9 else math.ceil(q)
+
+
+def rollout_replica(env, sim: _Sim, rid: int):
+    c, P, running = sim.costs, sim.workload.prompt_len, []   # running: [remaining, uid, n_tokens, version, t_admit]
+    while True:
+        new = []
+        while len(running) + len(new) < c.max_batch:
+            w = sim.sched.try_admit()
+            if w is None:
+                break
+            uid, n = sim.next_uid, sim.workload.length.sample(sim.rng)
+            sim.next_uid += 1
+            sim.rec.instant("admit", worker=rid, uid=uid, version=w)
+            sim.admit_t[uid] = env.now
+            sim.add_live(+1)
+            new.append([n, uid, n, w, env.now])
+        if new and P * c.prefill_s_per_token > 0:
+            sim.set_busy("rollout", rid, True)
+            yield env.timeout(len(new) * P * c.prefill_s_per_token)
+        running += new
+        if not running:
+            sim.set_busy("rollout", rid, False)
+            yield sim.capacity
+            continue
+        sim.set_busy("rollout", rid, True)
+        step, k, t0 = c.step_s(len(running)), min(r[0] for r in running), env.now
+        if len(running) < c.max_batch:       # room: a freed admission slot may interrupt the segment
+            yield env.timeout(k * step) | sim.capacity
+            j = min(k, _whole_iters(env.now - t0, step))
+            if env.now < t0 + j * step:
+                yield env.timeout(t0 + j * step - env.now)
+        else:
+            yield env.timeout(k * step)
+            j = k
+        for r in running:
+            r[0] -= j
+        for _, uid, n, w, t_admit in [r for r in running if r[0] == 0]:
+            sim.rec.span("rollout", t_admit, worker=rid, uid=uid, version=w, tokens=n)
+            sim.teacher_queue.put(Trajectory.fake(uid, n, w))
+        running = [r for r in running if r[0] > 0]
+
+
+def teacher_replica(env, sim: _Sim, tid: int):
+    c, P = sim.costs, sim.workload.prompt_len
+    while True:
+        traj = yield sim.teacher_queue.get()
+        t0 = env.now
+        sim.set_busy("teacher", tid, True)
+        yield env.timeout(c.teacher_s_per_token * (P + traj.n_tokens))
+        sim.set_busy("teacher", tid, False)
+        sim.rec.span("teacher", t0, worker=tid, uid=traj.uid, n_seqs=1, tokens=P + traj.n_tokens)
+        n_before = sim.sched.n_dropped
+        sim.sched.on_rollout_done(traj)
+        sim.pool[traj.uid] = traj
+        sim.record_drops(n_before)
+        sim.wake("ready")
+
+
+def learner(env, sim: _Sim, steps: int):
+    c, sched = sim.costs, sim.sched
+    for _ in range(steps):
+        while (batch := sched.next_batch()) is None:
+            yield sim.ready
+        for traj in batch.trajs:
+            del sim.pool[traj.uid]
+            sim.latencies.append(env.now - sim.admit_t.pop(traj.uid))
+        sim.add_live(-len(batch))
+        sim.staleness += batch.staleness
+        sim.trained_tokens += batch.n_tokens
+        t0 = env.now
+        sim.set_busy("learner", 0, True)
+        yield env.timeout(c.learner_step_s + c.learner_s_per_token * batch.n_tokens)
+        sim.set_busy("learner", 0, False)
+        sim.rec.span("learner_step", t0, version=sched.version + 1, n_seqs=len(batch), tokens=batch.n_tokens,
+                     staleness=float(np.mean(batch.staleness)))
+        t0 = env.now
+        yield env.timeout(c.weight_sync_s)
+        n_before = sched.n_dropped
+        v = sched.on_learner_step()
+        sim.rec.span("weight_sync", t0, version=v)
+        sim.record_drops(n_before)
+        sim.wake("capacity")
+
+
+def simulate(cluster: ClusterShape, costs: CostModel, workload: Workload, sched_cfg: SchedulerConfig,
+             steps: int, seed: int = 0) -> tuple[list[Event], dict]:
+    """Run until the learner has taken `steps` steps. workload.batch_size overrides sched_cfg.batch_size."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    sched_cfg = dataclasses.replace(sched_cfg, batch_size=workload.batch_size)
+    env = simpy.Environment()
+    sim = _Sim(env, cluster, costs, workload, sched_cfg, seed)
+    for i in range(cluster.rollout_replicas):
+        env.process(rollout_replica(env, sim, i))
+    for i in range(cluster.teacher_replicas):
+        env.process(teacher_replica(env, sim, i))
+    env.run(until=env.process(learner(env, sim, steps)))
+    T = env.now
+    sim.add_live(0)
+    for role, flags in sim.busy_from.items():
+        for i in range(len(flags)):
+            sim.set_busy(role, i, False)
+    n = len(sim.staleness)
+    summary = dict(
+        samples_per_s=n / T, tokens_per_s=sim.trained_tokens / T,
+        staleness_mean=float(np.mean(sim.staleness)), staleness_max=int(max(sim.staleness)),
+        util_rollout=sum(sim.busy["rollout"]) / (T * cluster.rollout_replicas),
+        util_teacher=sum(sim.busy["teacher"]) / (T * cluster.teacher_replicas),
+        util_learner=sim.busy["learner"][0] / T,
+        in_flight_mean=sim.live_area / T, latency_mean_s=float(np.mean(sim.latencies)),
+        n_events=len(sim.rec.events), duration_s=T, n_dropped=sim.sched.n_dropped)
+    return sim.rec.events, summary
