@@ -131,6 +131,7 @@ class Scheduler:
     _seq: int = field(default=0, init=False, repr=False)                 # arrival counter, breaks ties
     _taken: bool = field(default=False, init=False, repr=False)          # batch for this version returned
     _drops_since_batch: int = field(default=0, init=False, repr=False)
+    _dropped: list = field(default_factory=list, init=False, repr=False)  # dropped, not yet taken by pop_dropped
 
     def __post_init__(self):
         if not _is_int(self.version) or self.version < 0:
@@ -218,11 +219,17 @@ class Scheduler:
         self._drop_stale()
         return self.version
 
+    def pop_dropped(self) -> list[Trajectory]:
+        """The trajectories dropped since the last call, oldest first, so a driver can name them in its trace
+        (drops happen inside on_rollout_done and on_learner_step)."""
+        out, self._dropped = self._dropped, []
+        return out
+
     def _drop_stale(self) -> None:
         """Drop mode: ready trajectories that can no longer be trained within η (oldest sit at the heap top)."""
         if self.fixed or self.cfg.on_stale != "drop":
             return
         while self._ready and self.version - self._ready[0][0] > self.cfg.max_staleness:
-            heapq.heappop(self._ready)
+            self._dropped.append(heapq.heappop(self._ready)[2])
             self.n_dropped += 1
             self._drops_since_batch += 1

@@ -304,7 +304,6 @@ def run(cfg, out_dir: Path) -> pd.DataFrame:
     outstanding = [0] * c.rollout_workers                 # requests sent to worker i and not yet returned
     owner: dict[int, int] = {}
     scores: dict[int, object] = {}                        # uid -> TeacherScores, delivered and not yet trained
-    behav: dict[int, int] = {}                            # uid -> behav_version, delivered and not yet trained
     prompt_block = (-1, None)
 
     def prompt_of(uid: int) -> torch.Tensor:              # prompts of uid block b = uid // B come from seed b
@@ -335,10 +334,10 @@ def run(cfg, out_dir: Path) -> pd.DataFrame:
                 drain_events(0.5)                         # its error report may still be in the pipe
                 raise RuntimeError(f"{name} (pid {p.pid}) exited with code {p.exitcode} before the run ended")
 
-    def record_drops() -> None:                           # the scheduler's drop rule, applied to our uids
-        for uid in [u for u, b in behav.items() if sched.version - b > eta and c.on_stale == "drop"]:
-            rec.instant("drop", uid=uid, version=behav[uid], staleness=float(sched.version - behav[uid]))
-            del behav[uid], scores[uid]
+    def record_drops() -> None:                           # name what the scheduler just dropped
+        for t in sched.pop_dropped():
+            rec.instant("drop", uid=t.uid, version=t.behav_version, staleness=float(sched.version - t.behav_version))
+            del scores[t.uid]
 
     ready: set[str] = set()
     try:
@@ -364,7 +363,7 @@ def run(cfg, out_dir: Path) -> pd.DataFrame:
                     continue
                 for traj, s in zip(trajs, got):
                     outstanding[owner.pop(traj.uid)] -= 1
-                    scores[traj.uid], behav[traj.uid] = s, traj.behav_version
+                    scores[traj.uid] = s
                     sched.on_rollout_done(traj)
                     record_drops()
                 continue
@@ -375,8 +374,6 @@ def run(cfg, out_dir: Path) -> pd.DataFrame:
                 raise RuntimeError(f"training diverged at step {sched.version + 1}: {err}. The last good "
                                    f"checkpoint is {checkpoint.latest(ckpt_root)} (resume=true continues)") from err
             learner_s = rec.now() - t0
-            for t in batch.trajs:
-                del behav[t.uid]
             version = sched.on_learner_step()
             record_drops()
             rec.span("learner_step", t0, version=version, n_seqs=len(batch), tokens=batch.n_tokens,

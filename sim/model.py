@@ -52,7 +52,6 @@ class _Sim:
         self.ready = env.event()             # fires when a trajectory reaches the ready pool
         self.next_uid = 0
         self.admit_t: dict[int, float] = {}  # uid -> admission time, until trained or dropped
-        self.pool: dict[int, Trajectory] = {}  # mirror of the ready pool in arrival order, to name drops
         self.busy = {"rollout": [0.0] * cluster.rollout_replicas, "teacher": [0.0] * cluster.teacher_replicas,
                      "learner": [0.0]}
         self.busy_from = {k: [None] * len(v) for k, v in self.busy.items()}
@@ -79,17 +78,16 @@ class _Sim:
         self.live_area += self.n_live * (now - self.live_t)
         self.n_live, self.live_t = self.n_live + d, now
 
-    def record_drops(self, n_before: int) -> None:
-        """Name the trajectories the scheduler just dropped: the oldest (behav_version, arrival) in the pool."""
-        d = self.sched.n_dropped - n_before
-        if d == 0:
+    def record_drops(self) -> None:
+        """Name the trajectories the scheduler just dropped in the trace; their slots are free again."""
+        dropped = self.sched.pop_dropped()
+        if not dropped:
             return
-        for traj in sorted(self.pool.values(), key=lambda t: t.behav_version)[:d]:   # stable: arrival order
-            del self.pool[traj.uid]
+        for traj in dropped:
             self.admit_t.pop(traj.uid)
             self.rec.instant("drop", uid=traj.uid, version=traj.behav_version,
                              staleness=self.sched.version - traj.behav_version)
-        self.add_live(-d)
+        self.add_live(-len(dropped))
         self.wake("capacity")
 
 
@@ -148,10 +146,8 @@ def teacher_replica(env, sim: _Sim, tid: int):
         yield env.timeout(c.teacher_s_per_token * (P + traj.n_tokens))
         sim.set_busy("teacher", tid, False)
         sim.rec.span("teacher", t0, worker=tid, uid=traj.uid, n_seqs=1, tokens=P + traj.n_tokens)
-        n_before = sim.sched.n_dropped
         sim.sched.on_rollout_done(traj)
-        sim.pool[traj.uid] = traj
-        sim.record_drops(n_before)
+        sim.record_drops()
         sim.wake("ready")
 
 
@@ -161,7 +157,6 @@ def learner(env, sim: _Sim, steps: int):
         while (batch := sched.next_batch()) is None:
             yield sim.ready
         for traj in batch.trajs:
-            del sim.pool[traj.uid]
             sim.latencies.append(env.now - sim.admit_t.pop(traj.uid))
         sim.add_live(-len(batch))
         sim.staleness += batch.staleness
@@ -174,10 +169,9 @@ def learner(env, sim: _Sim, steps: int):
                      staleness=float(np.mean(batch.staleness)))
         t0 = env.now
         yield env.timeout(c.weight_sync_s)
-        n_before = sched.n_dropped
         v = sched.on_learner_step()
         sim.rec.span("weight_sync", t0, version=v)
-        sim.record_drops(n_before)
+        sim.record_drops()
         sim.wake("capacity")
 
 

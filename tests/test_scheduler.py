@@ -104,6 +104,7 @@ def test_drop_eta1_trace():
     assert sched.n_dropped == 1 and admit(sched, f) == [2]       # uid 8
     done(sched, f, 3)
     assert sched.n_dropped == 2 and admit(sched, f, 2) == [2, None]  # uid 9
+    assert [t.uid for t in sched.pop_dropped()] == [2, 3] and sched.pop_dropped() == []
     done(sched, f, 7, 6)
     b = sched.next_batch()
     assert (uids(b), b.version, b.staleness, b.n_dropped) == ([7, 6], 2, [0, 0], 2)
