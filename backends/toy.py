@@ -41,7 +41,7 @@ from backends.toy_learner import ToyLearner
 from backends.toy_models import (STUDENT_SFT, TEACHER_SFT, ModelSpec, load_or_train_teacher,
                                  load_or_warmup_student, response_logits)
 from backends.toy_task import HELDOUT_SEED, SortTask
-from backends.toy_teacher import ToyTeacher
+from backends.toy_teacher import ToyTeacher, scored_tokens
 
 log = logging.getLogger(__name__)
 WALL_CLOCK_COLUMNS = ("step_s", "rollout_s", "teacher_s", "learner_s", "samples_per_s")  # not reproducible
@@ -244,7 +244,7 @@ def run(cfg, out_dir: Path) -> pd.DataFrame:
         t0 = recorder.now()
         scores = teacher.score(batch.trajs, topk=topk, n_samples=n_samples)
         teacher_s = recorder.now() - t0
-        recorder.span("teacher", t0, n_seqs=len(batch), tokens=batch.n_tokens)
+        recorder.span("teacher", t0, n_seqs=len(batch), tokens=scored_tokens(batch.trajs))
         t0 = recorder.now()
         try:
             metrics = learner.step(batch, scores)

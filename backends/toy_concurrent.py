@@ -55,7 +55,7 @@ from backends import checkpoint
 from backends.toy import Evaluator, batch_monitors, build_models, config_digest
 from backends.toy_engine import ToyRolloutEngine
 from backends.toy_learner import ToyLearner
-from backends.toy_teacher import ToyTeacher
+from backends.toy_teacher import ToyTeacher, scored_tokens
 
 log = logging.getLogger(__name__)
 PLACEMENTS = ("separate", "colocate_teacher_with_rollout")
@@ -204,7 +204,7 @@ def rollout_worker(i, cfg, model_bytes, teacher_bytes, version, origin, req_q, w
                 t0 = rec.now()
                 scores = teacher.score(done_acc, topk=topk, n_samples=n_samples)
                 rec.span("teacher", t0, worker=i, n_seqs=len(done_acc),
-                         tokens=sum(len(t.prompt_ids) + t.n_tokens for t in done_acc))
+                         tokens=scored_tokens(done_acc))
                 _put(out_q, _dumps((done_acc, scores)), stop)
             done_acc = []
         if time.monotonic() - t_flush > 0.2:
@@ -232,7 +232,7 @@ def teacher_worker(cfg, teacher_bytes, origin, in_q, out_q, events_q, stop):
                 break
         t0 = rec.now()
         scores = teacher.score(trajs, topk=topk, n_samples=n_samples)
-        rec.span("teacher", t0, n_seqs=len(trajs), tokens=sum(len(t.prompt_ids) + t.n_tokens for t in trajs))
+        rec.span("teacher", t0, n_seqs=len(trajs), tokens=scored_tokens(trajs))
         _put(out_q, _dumps((trajs, scores)), stop)
         _flush(rec, events_q)
     _flush(rec, events_q)

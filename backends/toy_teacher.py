@@ -23,6 +23,11 @@ from asyncopd.rollout import Trajectory
 from backends.toy_models import response_logits
 
 
+def scored_tokens(trajs: list[Trajectory]) -> int:
+    """Positions a teacher forwards for these trajectories (prompt + response): the `tokens` of a trace event."""
+    return sum(len(t.prompt_ids) + t.n_tokens for t in trajs)
+
+
 class ToyTeacher:
     def __init__(self, model, *, batch_size: int = 64, version: int = 0, device: str | torch.device = "cpu"):
         if batch_size < 1:
