@@ -60,14 +60,49 @@ class CostModel:
         return self.decode_step_s + (n - 1) * self.decode_step_s_per_seq
 
 
+PLACEMENTS = ("separate", "teacher_with_rollout", "teacher_with_learner")
+
+
 @dataclass
 class ClusterShape:
+    """Which roles run where. `placement` says which roles share hardware (a shared resource in the model):
+
+    - separate: rollout replicas, teacher replicas and the learner each have their own devices;
+    - teacher_with_rollout: each rollout replica scores its own finished trajectories on its own device, and
+      stops decoding while it does (the toy's colocate_teacher_with_rollout); teacher_replicas must be 0;
+    - teacher_with_learner: the teacher runs on the learner's devices, so scoring and training take turns on
+      one resource; teacher_replicas must be 0.
+
+    The GPU counts are bookkeeping for `sim.plan` (a GPU budget); the costs in CostModel are per replica and,
+    for the learner, for `learner_gpus` GPUs.
+    """
     rollout_replicas: int = 1            # rollout engines, each with its own continuous batch, >= 1
-    teacher_replicas: int = 1            # teacher servers, each scores one trajectory at a time, >= 1
+    teacher_replicas: int = 1            # teacher servers, each scores one trajectory at a time, >= 1 (0 if colocated)
+    placement: str = "separate"          # separate | teacher_with_rollout | teacher_with_learner
+    gpus_per_rollout_replica: int = 1    # GPUs one rollout replica occupies (tensor parallel), >= 1
+    gpus_per_teacher_replica: int = 1    # GPUs one teacher replica occupies, >= 1
+    learner_gpus: int = 1                # GPUs of the learner (FSDP) that costs.learner_* were measured on, >= 1
+    score_group: int = 1                 # teacher_with_rollout: score once this many are finished (or the
+                                         # replica's batch is empty), >= 1; the toy backend uses B // 4
 
     def __post_init__(self):
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"ClusterShape.placement must be one of {PLACEMENTS}, got {self.placement!r}")
         _check_int(self, "rollout_replicas", 1)
-        _check_int(self, "teacher_replicas", 1)
+        if self.placement == "separate":
+            _check_int(self, "teacher_replicas", 1)
+        elif self.teacher_replicas != 0:
+            raise ValueError(f"ClusterShape.teacher_replicas must be 0 with placement={self.placement!r} (the "
+                             f"teacher runs on the {self.placement.split('_')[-1]}'s devices), "
+                             f"got {self.teacher_replicas!r}")
+        for name in ("gpus_per_rollout_replica", "gpus_per_teacher_replica", "learner_gpus", "score_group"):
+            _check_int(self, name, 1)
+
+    @property
+    def gpus(self) -> int:
+        """GPUs this shape occupies."""
+        return (self.rollout_replicas * self.gpus_per_rollout_replica
+                + self.teacher_replicas * self.gpus_per_teacher_replica + self.learner_gpus)
 
 
 @dataclass

@@ -15,6 +15,11 @@ Semantics (the choices a calibration must match):
   no per-iteration events (the real engines write them for calibration).
 - Teacher: a Store of generated trajectories served by `teacher_replicas` processes; scoring one costs
   teacher_s_per_token·(prompt_len + n_tokens). Only then is the trajectory handed to `on_rollout_done`.
+- Shared hardware (ClusterShape.placement). teacher_with_rollout: a replica scores its own finished
+  trajectories, `score_group` at a time (or all it has when its batch is empty), and neither decodes nor
+  admits meanwhile; utilisation counts scoring as teacher time of the replica's device. teacher_with_learner:
+  one teacher process and the learner share a PriorityResource of capacity 1; the learner goes first, a
+  scoring in progress is finished (no preemption).
 - Learner: waits for `next_batch()`, trains learner_step_s + learner_s_per_token·(response tokens), then syncs
   for weight_sync_s, and only then calls `on_learner_step()`. So the scheduler's version is the version the
   rollout replicas hold: rollouts admitted during the sync get the old version, those admitted after it the new.
@@ -48,12 +53,15 @@ class _Sim:
         self.rec = Recorder(lambda: env.now)
         self.rng = np.random.default_rng(seed)
         self.teacher_queue = simpy.Store(env)
+        shared = cluster.placement == "teacher_with_learner"
+        self.learner_device = simpy.PriorityResource(env, capacity=1) if shared else None
         self.capacity = env.event()          # fires when try_admit may succeed again (step or drop)
         self.ready = env.event()             # fires when a trajectory reaches the ready pool
         self.next_uid = 0
         self.admit_t: dict[int, float] = {}  # uid -> admission time, until trained or dropped
-        self.busy = {"rollout": [0.0] * cluster.rollout_replicas, "teacher": [0.0] * cluster.teacher_replicas,
-                     "learner": [0.0]}
+        n_teacher = {"separate": cluster.teacher_replicas, "teacher_with_rollout": cluster.rollout_replicas,
+                     "teacher_with_learner": 1}[cluster.placement]     # devices the teacher runs on
+        self.busy = {"rollout": [0.0] * cluster.rollout_replicas, "teacher": [0.0] * n_teacher, "learner": [0.0]}
         self.busy_from = {k: [None] * len(v) for k, v in self.busy.items()}
         self.n_live, self.live_area, self.live_t = 0, 0.0, 0.0
         self.latencies: list[float] = []
@@ -99,7 +107,15 @@ def _whole_iters(elapsed: float, step: float) -> int:
 
 def rollout_replica(env, sim: _Sim, rid: int):
     c, P, running = sim.costs, sim.workload.prompt_len, []   # running: [remaining, uid, n_tokens, version, t_admit]
+    scores_here = sim.cluster.placement == "teacher_with_rollout"
+    finished: list[Trajectory] = []                          # teacher_with_rollout: waiting to be scored here
     while True:
+        if finished and (len(finished) >= sim.cluster.score_group or not running):
+            sim.set_busy("rollout", rid, False)
+            sim.set_busy("teacher", rid, True)
+            yield from score(env, sim, finished, worker=rid)
+            sim.set_busy("teacher", rid, False)
+            finished = []
         new = []
         while len(running) + len(new) < c.max_batch:
             w = sim.sched.try_admit()
@@ -133,26 +149,40 @@ def rollout_replica(env, sim: _Sim, rid: int):
             r[0] -= j
         for _, uid, n, w, t_admit in [r for r in running if r[0] == 0]:
             sim.rec.span("rollout", t_admit, worker=rid, uid=uid, version=w, tokens=n)
-            sim.teacher_queue.put(Trajectory.fake(uid, n, w))
+            traj = Trajectory.fake(uid, n, w)
+            finished.append(traj) if scores_here else sim.teacher_queue.put(traj)
         running = [r for r in running if r[0] > 0]
 
 
-def teacher_replica(env, sim: _Sim, tid: int):
-    c, P = sim.costs, sim.workload.prompt_len
-    while True:
-        traj = yield sim.teacher_queue.get()
+def score(env, sim: _Sim, trajs: list[Trajectory], worker: int):
+    """Score trajectories one after another, then hand each to the scheduler (a SimPy sub-process)."""
+    P = sim.workload.prompt_len
+    for traj in trajs:
         t0 = env.now
-        sim.set_busy("teacher", tid, True)
-        yield env.timeout(c.teacher_s_per_token * (P + traj.n_tokens))
-        sim.set_busy("teacher", tid, False)
-        sim.rec.span("teacher", t0, worker=tid, uid=traj.uid, n_seqs=1, tokens=P + traj.n_tokens)
+        yield env.timeout(sim.costs.teacher_s_per_token * (P + traj.n_tokens))
+        sim.rec.span("teacher", t0, worker=worker, uid=traj.uid, n_seqs=1, tokens=P + traj.n_tokens)
+    for traj in trajs:
         sim.sched.on_rollout_done(traj)
         sim.record_drops()
-        sim.wake("ready")
+    sim.wake("ready")
+
+
+def teacher_replica(env, sim: _Sim, tid: int):
+    device = sim.learner_device                   # teacher_with_learner: shared with the learner, else None
+    while True:
+        traj = yield sim.teacher_queue.get()
+        req = device.request(priority=1) if device is not None else None
+        if req is not None:
+            yield req
+        sim.set_busy("teacher", tid, True)
+        yield from score(env, sim, [traj], worker=tid)
+        sim.set_busy("teacher", tid, False)
+        if req is not None:
+            device.release(req)
 
 
 def learner(env, sim: _Sim, steps: int):
-    c, sched = sim.costs, sim.sched
+    c, sched, device = sim.costs, sim.sched, sim.learner_device
     for _ in range(steps):
         while (batch := sched.next_batch()) is None:
             yield sim.ready
@@ -161,6 +191,9 @@ def learner(env, sim: _Sim, steps: int):
         sim.add_live(-len(batch))
         sim.staleness += batch.staleness
         sim.trained_tokens += batch.n_tokens
+        req = device.request(priority=0) if device is not None else None
+        if req is not None:
+            yield req
         t0 = env.now
         sim.set_busy("learner", 0, True)
         yield env.timeout(c.learner_step_s + c.learner_s_per_token * batch.n_tokens)
@@ -169,6 +202,8 @@ def learner(env, sim: _Sim, steps: int):
                      staleness=float(np.mean(batch.staleness)))
         t0 = env.now
         yield env.timeout(c.weight_sync_s)
+        if req is not None:
+            device.release(req)
         v = sched.on_learner_step()
         sim.rec.span("weight_sync", t0, version=v)
         sim.record_drops()
@@ -176,18 +211,22 @@ def learner(env, sim: _Sim, steps: int):
 
 
 def simulate(cluster: ClusterShape, costs: CostModel, workload: Workload, sched_cfg: SchedulerConfig,
-             steps: int, seed: int = 0) -> tuple[list[Event], dict]:
-    """Run until the learner has taken `steps` steps. workload.batch_size overrides sched_cfg.batch_size."""
+             steps: int, seed: int = 0, ops_out: list | None = None) -> tuple[list[Event], dict]:
+    """Run until the learner has taken `steps` steps. workload.batch_size overrides sched_cfg.batch_size.
+    With a list as `ops_out`, the scheduler's operation log is appended to it (a schedule to replay)."""
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     sched_cfg = dataclasses.replace(sched_cfg, batch_size=workload.batch_size)
     env = simpy.Environment()
     sim = _Sim(env, cluster, costs, workload, sched_cfg, seed)
+    sim.sched.record_ops = ops_out is not None
     for i in range(cluster.rollout_replicas):
         env.process(rollout_replica(env, sim, i))
-    for i in range(cluster.teacher_replicas):
+    for i in range(1 if cluster.placement == "teacher_with_learner" else cluster.teacher_replicas):
         env.process(teacher_replica(env, sim, i))
     env.run(until=env.process(learner(env, sim, steps)))
+    if ops_out is not None:
+        ops_out.extend(sim.sched.ops)
     T = env.now
     sim.add_live(0)
     for role, flags in sim.busy_from.items():
@@ -198,8 +237,9 @@ def simulate(cluster: ClusterShape, costs: CostModel, workload: Workload, sched_
         samples_per_s=n / T, tokens_per_s=sim.trained_tokens / T,
         staleness_mean=float(np.mean(sim.staleness)), staleness_max=int(max(sim.staleness)),
         util_rollout=sum(sim.busy["rollout"]) / (T * cluster.rollout_replicas),
-        util_teacher=sum(sim.busy["teacher"]) / (T * cluster.teacher_replicas),
+        util_teacher=sum(sim.busy["teacher"]) / (T * len(sim.busy["teacher"])),
         util_learner=sim.busy["learner"][0] / T,
         in_flight_mean=sim.live_area / T, latency_mean_s=float(np.mean(sim.latencies)),
-        n_events=len(sim.rec.events), duration_s=T, n_dropped=sim.sched.n_dropped)
+        n_events=len(sim.rec.events), duration_s=T, n_dropped=sim.sched.n_dropped,
+        staleness_hist={int(k): int(c) for k, c in zip(*np.unique(sim.staleness, return_counts=True))})
     return sim.rec.events, summary

@@ -155,3 +155,30 @@ def test_fixed_k_mode_gives_exact_staleness():
     steps = [e for e in events if e.kind == "learner_step"]
     assert [e.staleness for e in steps] == [min(e.version - 1, 2) for e in steps]
     assert s["n_dropped"] == 0
+
+
+@pytest.mark.parametrize("placement, period", [
+    ("separate", 5.0),               # max(generate 4, score 3, train + sync 5)
+    ("teacher_with_rollout", 7.0),   # the replica generates (4) and scores (3) the batch: 7 per batch
+    ("teacher_with_learner", 8.0),   # the learner's devices score (3) and train + sync (5): 8 per batch
+])
+def test_colocated_roles_share_their_device(placement, period):
+    """One replica holding exactly one batch, fixed lengths: the shared device is the slowest stage. η = 3 so
+    that the admission window does not bind: a batch's chain generate → score → train takes 12 s, and (η+1)
+    batches in flight allow one batch per 12/(η+1) = 3 s < the slowest stage (with η = 1 it would be 6 s)."""
+    B, L, P, steps = 4, 10, 6, 60
+    c = CostModel(decode_step_s=0.4, decode_step_s_per_seq=0.0, prefill_s_per_token=0.0, max_batch=B,
+                  teacher_s_per_token=3.0 / (B * (P + L)), learner_s_per_token=0.0, learner_step_s=4.0,
+                  weight_sync_s=1.0)
+    cluster = ClusterShape(1, 1 if placement == "separate" else 0, placement=placement, score_group=B)
+    events, s = simulate(cluster, c, fixed(L, B, P), SchedulerConfig(max_staleness=3), steps=steps)
+    starts = [e.t for e in events if e.kind == "learner_step"]
+    assert np.diff(starts)[10:] == pytest.approx(np.full(steps - 11, period))    # steady state, exactly
+    assert s["samples_per_s"] == pytest.approx(B / period, rel=0.05)             # ... up to the start-up
+    assert s["staleness_max"] <= 3 and s["n_dropped"] == 0
+    busy = {"separate": "learner", "teacher_with_rollout": "rollout", "teacher_with_learner": "learner"}[placement]
+    if placement != "separate":           # the shared device never idles in steady state
+        shared = s[f"util_{busy}"] + s["util_teacher"] + (1.0 / period if busy == "learner" else 0.0)
+        assert shared == pytest.approx(1.0, abs=0.03)
+    teacher = [e for e in events if e.kind == "teacher"]
+    assert len(teacher) >= B * (steps - 1) and all(e.dur_s == pytest.approx(3.0 / B) for e in teacher)
