@@ -128,6 +128,7 @@ class Scheduler:
     _v0: int = field(default=0, init=False, repr=False)                  # version at construction
     _flying: Counter = field(default_factory=Counter, init=False, repr=False)  # admission version -> count
     _ready: list = field(default_factory=list, init=False, repr=False)   # heap of (behav_version, seq, traj)
+    _ready_versions: Counter = field(default_factory=Counter, init=False, repr=False)  # behav_version -> n ready
     _seq: int = field(default=0, init=False, repr=False)                 # arrival counter, breaks ties
     _taken: bool = field(default=False, init=False, repr=False)          # batch for this version returned
     _drops_since_batch: int = field(default=0, init=False, repr=False)
@@ -150,6 +151,12 @@ class Scheduler:
         """Counters for metrics and traces."""
         return dict(version=self.version, n_admitted=self.n_admitted, in_flight=self.in_flight,
                     n_ready=self.n_ready, n_trained=self.n_trained, n_dropped=self.n_dropped)
+
+    def headroom(self) -> int:
+        """How many try_admit calls would succeed now (the capacity rule's slack), so a driver can wake exactly
+        that many waiting rollout engines instead of all of them."""
+        B, steps = self.cfg.batch_size, self.version - self._v0
+        return max(0, (steps + self.cfg.eta + 1) * B - (self.n_admitted - self.n_dropped))
 
     def _log(self, op: str, arg: int) -> None:
         if self.record_ops:
@@ -183,6 +190,7 @@ class Scheduler:
             del self._flying[a]
         self.in_flight -= 1
         heapq.heappush(self._ready, (w, self._seq, traj))
+        self._ready_versions[w] += 1
         self._seq += 1
         self._log("done", traj.uid)
         self._drop_stale()
@@ -196,11 +204,13 @@ class Scheduler:
         if self.n_ready < B:
             return None
         if self.fixed or self.cfg.on_stale == "wait":
-            # the B oldest untrained must all be ready: no in-flight rollout older than the B-th oldest ready one
-            bth_oldest = heapq.nsmallest(B, self._ready)[-1][0]
-            if self._flying and min(self._flying) < bth_oldest:
-                return None
-        trajs = [heapq.heappop(self._ready)[2] for _ in range(B)]
+            # the B oldest untrained must all be ready: no in-flight rollout older than the B-th oldest ready one,
+            # i.e. at least B ready ones are no newer than the oldest in flight (O(distinct versions) to check)
+            if self._flying:
+                oldest_flying = min(self._flying)
+                if sum(n for w, n in self._ready_versions.items() if w <= oldest_flying) < B:
+                    return None
+        trajs = [self._pop_ready() for _ in range(B)]
         batch = Batch(trajs=trajs, version=self.version, n_dropped=self._drops_since_batch)
         assert max(batch.staleness) <= self.cfg.eta, batch.staleness   # guaranteed by the policy (docstring)
         self._drops_since_batch = 0
@@ -225,11 +235,18 @@ class Scheduler:
         out, self._dropped = self._dropped, []
         return out
 
+    def _pop_ready(self) -> Trajectory:
+        w, _, traj = heapq.heappop(self._ready)
+        self._ready_versions[w] -= 1
+        if not self._ready_versions[w]:
+            del self._ready_versions[w]
+        return traj
+
     def _drop_stale(self) -> None:
         """Drop mode: ready trajectories that can no longer be trained within η (oldest sit at the heap top)."""
         if self.fixed or self.cfg.on_stale != "drop":
             return
         while self._ready and self.version - self._ready[0][0] > self.cfg.max_staleness:
-            self._dropped.append(heapq.heappop(self._ready)[2])
+            self._dropped.append(self._pop_ready())
             self.n_dropped += 1
             self._drops_since_batch += 1

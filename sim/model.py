@@ -9,9 +9,10 @@ Semantics (the choices a calibration must match):
   until full or refused; the returned version is the behaviour version (weights are never swapped in flight, so
   behav_version == admit_version). Newcomers are prefilled one after another (prefill_s_per_token·prompt_len
   each) while the running sequences stall. With n running, one iteration takes `CostModel.step_s(n)`, so the
-  replica sleeps (min remaining tokens)·step_s(n) in one timeout, not one event per token. If the scheduler frees
-  capacity meanwhile (a weight update or a drop) and the replica has room, it wakes, finishes the current
-  iteration, subtracts the whole iterations done and admits. No `decode_iter` events are written: the model has
+  replica sleeps (min remaining tokens)·step_s(n) in one timeout, not one event per token. A replica with room
+  registers as waiting for admission capacity; when the scheduler frees capacity (a weight update or a drop),
+  `Scheduler.headroom()` slots are handed out least-loaded replica first, waking only the replicas whose room
+  covers them. A woken replica finishes the current iteration, subtracts the whole iterations done and admits. No `decode_iter` events are written: the model has
   no per-iteration events (the real engines write them for calibration).
 - Teacher: a Store of generated trajectories served by `teacher_replicas` processes; scoring one costs
   teacher_s_per_token·(prompt_len + n_tokens). Only then is the trajectory handed to `on_rollout_done`.
@@ -33,6 +34,7 @@ Run: `events, summary = simulate(ClusterShape(), CostModel(), Workload(), Schedu
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import math
 
 import numpy as np
@@ -55,7 +57,9 @@ class _Sim:
         self.teacher_queue = simpy.Store(env)
         shared = cluster.placement == "teacher_with_learner"
         self.learner_device = simpy.PriorityResource(env, capacity=1) if shared else None
-        self.capacity = env.event()          # fires when try_admit may succeed again (step or drop)
+        self.waiting: list = []              # heap (n_running, seq, rid, event): replicas with room, for capacity
+        self.wait_ev: dict[int, object] = {}     # rid -> its live registration; heap entries not here are stale
+        self.seq = 0
         self.ready = env.event()             # fires when a trajectory reaches the ready pool
         self.next_uid = 0
         self.admit_t: dict[int, float] = {}  # uid -> admission time, until trained or dropped
@@ -96,7 +100,29 @@ class _Sim:
             self.rec.instant("drop", uid=traj.uid, version=traj.behav_version,
                              staleness=self.sched.version - traj.behav_version)
         self.add_live(-len(dropped))
-        self.wake("capacity")
+        self.capacity_freed()
+
+    def wait_for_capacity(self, rid: int, n_running: int):
+        """Register a replica with room; the event fires when admission slots are handed to it."""
+        ev = self.env.event()
+        self.wait_ev[rid] = ev
+        heapq.heappush(self.waiting, (n_running, self.seq, rid, ev))
+        self.seq += 1
+        if self.sched.headroom() > 0:                    # freed while this replica was prefilling or scoring
+            self.capacity_freed()
+        return ev
+
+    def capacity_freed(self) -> None:
+        """Hand the scheduler's free admission slots to waiting replicas, least loaded first; wake no more replicas
+        than the slots can fill (each takes up to max_batch − n_running)."""
+        free = self.sched.headroom()
+        while free > 0 and self.waiting:
+            n_running, _, rid, ev = heapq.heappop(self.waiting)
+            if self.wait_ev.get(rid) is not ev:
+                continue                                 # stale: that replica's segment ended on its own
+            del self.wait_ev[rid]
+            ev.succeed()
+            free -= self.costs.max_batch - n_running
 
 
 def _whole_iters(elapsed: float, step: float) -> int:
@@ -133,12 +159,13 @@ def rollout_replica(env, sim: _Sim, rid: int):
         running += new
         if not running:
             sim.set_busy("rollout", rid, False)
-            yield sim.capacity
+            yield sim.wait_for_capacity(rid, 0)
             continue
         sim.set_busy("rollout", rid, True)
         step, k, t0 = c.step_s(len(running)), min(r[0] for r in running), env.now
         if len(running) < c.max_batch:       # room: a freed admission slot may interrupt the segment
-            yield env.timeout(k * step) | sim.capacity
+            yield env.timeout(k * step) | sim.wait_for_capacity(rid, len(running))
+            sim.wait_ev.pop(rid, None)
             j = min(k, _whole_iters(env.now - t0, step))
             if env.now < t0 + j * step:
                 yield env.timeout(t0 + j * step - env.now)
@@ -207,7 +234,7 @@ def learner(env, sim: _Sim, steps: int):
         v = sched.on_learner_step()
         sim.rec.span("weight_sync", t0, version=v)
         sim.record_drops()
-        sim.wake("capacity")
+        sim.capacity_freed()
 
 
 def simulate(cluster: ClusterShape, costs: CostModel, workload: Workload, sched_cfg: SchedulerConfig,
