@@ -3,6 +3,7 @@
 Rollouts are numbered by admission index (uid = n_admitted before the admit), as a replaying driver would.
 """
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -45,6 +46,10 @@ def check_invariants(sched, flying):
     assert c["n_admitted"] == c["in_flight"] + c["n_ready"] + c["n_trained"] + c["n_dropped"], c
     assert c["in_flight"] == len(flying)
     assert c["in_flight"] + c["n_ready"] <= (sched.cfg.eta + 1) * sched.cfg.batch_size, c
+    probe, n_ok = copy.deepcopy(sched), 0            # headroom() == how many try_admit calls succeed now
+    while probe.try_admit() is not None:
+        n_ok += 1
+    assert sched.headroom() == n_ok, (sched.headroom(), n_ok)
 
 
 def drive(sched, ops, bump=True):
