@@ -72,6 +72,15 @@ def to_frame(events: Iterable[Event]) -> pd.DataFrame:
     return pd.DataFrame({c: [getattr(e, c) for e in events] for c in COLUMNS}).astype(DTYPES)
 
 
+def staleness_hist(counts: dict[int, int]) -> pd.DataFrame:
+    """Staleness histogram of trained trajectories ({staleness: count}) as the table sim.run and the toy replay
+    write to staleness_hist.csv: columns staleness, count, fraction (sorted by staleness)."""
+    df = pd.DataFrame({"staleness": sorted(counts), "count": [int(counts[k]) for k in sorted(counts)]},
+                      dtype="int64")
+    df["fraction"] = df["count"] / max(1, df["count"].sum())
+    return df
+
+
 def _validated(df: pd.DataFrame, source: str) -> pd.DataFrame:
     """df with exactly the schema's columns, in order and with its dtypes; ValueError naming what is wrong."""
     missing = [c for c in COLUMNS if c not in df.columns]

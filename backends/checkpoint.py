@@ -43,8 +43,9 @@ def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save(root: Path, *, version: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         ring: dict[int, dict[str, torch.Tensor]], state: dict) -> Path:
-    """Write checkpoint `version` under `root` atomically and make it the latest. Returns its directory."""
+         ring: dict[int, dict[str, torch.Tensor]], state: dict, extra: dict[str, bytes] | None = None) -> Path:
+    """Write checkpoint `version` under `root` atomically and make it the latest. Returns its directory.
+    `extra` files (name -> bytes) are written into the same directory, under the same atomic switch."""
     root.mkdir(parents=True, exist_ok=True)
     final, tmp = root / f"ckpt-{version:06d}", root / f"ckpt-{version:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -54,6 +55,8 @@ def save(root: Path, *, version: int, model: torch.nn.Module, optimizer: torch.o
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     save_file({f"{v}/{k}": t for v, sd in ring.items() for k, t in _contiguous(sd).items()}, tmp / "ring.safetensors")
     (tmp / "state.json").write_text(json.dumps({**state, "version": version, "optimizer": opt_meta}, indent=1))
+    for name, data in (extra or {}).items():
+        (tmp / name).write_bytes(data)
     for f in tmp.iterdir():                                   # data on disk before the rename makes it visible
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())

@@ -35,7 +35,8 @@ LOGGERS = ("csv", "tensorboard")
 class RunConfig:
     backend: str = "toy"                 # which engine set runs the job: toy
     exec: str = "lockstep"               # lockstep: one process, deterministic | concurrent: processes, wall clock
-    staleness: str = "fixed:0"           # lockstep: fixed:k = every batch k versions old; concurrent: η (0 = sync)
+    staleness: str = "fixed:0"           # lockstep: fixed:k = every batch k versions old, or schedule:<file> = replay
+                                         # a sim.run schedule; concurrent: η (0 = sync)
     steps: int = 100                     # learner steps, >= 1
     seed: int = 0                        # prompts and sampling; models have their own toy.model_seed
     resume: bool = False                 # continue from the last checkpoint in the output folder
@@ -62,6 +63,9 @@ def run(cfg: RunConfig, out_dir: Path):
     if cfg.backend == "toy" and cfg.exec == "concurrent":
         from backends import toy_concurrent
         return toy_concurrent.run(cfg, out_dir)
+    if cfg.backend == "toy" and str(cfg.staleness).startswith("schedule:"):
+        from backends import toy_replay
+        return toy_replay.run(cfg, out_dir, schedule=str(cfg.staleness).partition(":")[2])
     if cfg.backend == "toy":
         from backends import toy
         return toy.run(cfg, out_dir)

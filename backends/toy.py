@@ -117,12 +117,15 @@ def build_models(toy: ToyConfig):
     return task, teacher, student, {"teacher": t_info, "student": s_info}
 
 
-def parse_staleness(spec: str) -> int:
-    """'fixed:k' -> k. (Replaying a simulator schedule, 'schedule:<file>', comes with the simulator.)"""
+def parse_staleness(spec: str) -> int | str:
+    """'fixed:k' -> k; 'schedule:<file>' -> the file (a simulator schedule, replayed by backends/toy_replay.py)."""
     head, _, k = str(spec).partition(":")
     if head == "fixed" and k.isdigit():
         return int(k)
-    raise ValueError(f"staleness must be 'fixed:<k>' with an integer k >= 0, got {spec!r}")
+    if head == "schedule" and k:
+        return k
+    raise ValueError(f"exec=lockstep takes staleness='fixed:<k>' with an integer k >= 0 or 'schedule:<file>' "
+                     f"(from python -m sim.run schedule=true), got {spec!r}")
 
 
 def config_digest(cfg) -> str:

@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import hydra
-import pandas as pd
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -82,9 +81,7 @@ def run(cfg: SimConfig, out_dir: Path) -> dict:
     events, summary = simulate(cfg.cluster, cfg.costs, cfg.workload, cfg.scheduler, cfg.steps, cfg.seed, ops_out=ops)
     trace.write(events, out_dir / "trace.csv")
     trace.to_perfetto(events, out_dir / "trace.json")
-    hist = pd.Series(summary["staleness_hist"], name="count").rename_axis("staleness").reset_index()
-    hist["fraction"] = hist["count"] / hist["count"].sum()
-    hist.to_csv(out_dir / "staleness_hist.csv", index=False)
+    trace.staleness_hist(summary["staleness_hist"]).to_csv(out_dir / "staleness_hist.csv", index=False)
     if ops is not None:
         write_schedule(out_dir / "schedule.json", cfg.scheduler, ops, summary)
     (out_dir / "summary.json").write_text(json.dumps(

@@ -20,3 +20,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    """One model cache per test session: the tiny teacher and student are trained once and shared."""
+    return str(tmp_path_factory.mktemp("model_cache"))

@@ -17,11 +17,6 @@ from backends.toy_concurrent import CRASH_ENV, ConcurrentConfig
 from test_toy_run import TINY
 
 
-@pytest.fixture(scope="session")
-def model_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("model_cache"))
-
-
 def tiny(model_cache, eta=1, **kw):
     toy = ToyConfig(**{**TINY, "cache_dir": model_cache, **kw.pop("toy", {})})
     return RunConfig(exec="concurrent", staleness=str(eta), steps=kw.pop("steps", 4), resume=kw.pop("resume", False), toy=toy,

@@ -22,11 +22,6 @@ TINY = dict(n_symbols=4, max_len=4, teacher_layers=1, teacher_width=32, student_
             eval_every=2, ckpt_every=1, lr=3e-3, threads=1)
 
 
-@pytest.fixture(scope="session")
-def model_cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("model_cache"))
-
-
 def tiny(model_cache, **kw):
     objective = kw.pop("objective", ObjectiveConfig("reverse_kl_sampled", signal="stale", correction="tis"))
     toy = ToyConfig(**{**TINY, "cache_dir": model_cache, **kw.pop("toy", {})})

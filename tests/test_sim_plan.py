@@ -1,0 +1,194 @@
+"""sim.plan: split enumeration on a hand-counted budget, learner scaling, KL advice, ranking, parity with
+simulate(), the analytic bound, validation, and the Hydra entry (plan.csv, plan.png, exit codes)."""
+
+import math
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from asyncopd.scheduler import SchedulerConfig
+from sim.costs import ClusterShape, CostModel, LengthDist, Workload
+from sim.model import simulate
+from sim.plan import PlanConfig, advise, bound, enumerate_splits, learner_costs, recommend, run, select_splits
+
+
+def small(**kw) -> PlanConfig:
+    """8 GPUs, 1 GPU per replica, fixed 8-token responses, B=4: each candidate simulates in milliseconds."""
+    costs = kw.pop("costs", CostModel(decode_step_s=0.01, decode_step_s_per_seq=0.001, prefill_s_per_token=0.001,
+                                      max_batch=8, teacher_s_per_token=0.002, learner_s_per_token=0.01,
+                                      learner_step_s=0.05, weight_sync_s=0.02))
+    return PlanConfig(cluster=kw.pop("cluster", ClusterShape(1, 1)), costs=costs,
+                      workload=Workload(batch_size=4, prompt_len=4, length=LengthDist("fixed", 8, max=8)),
+                      **{"gpus": 8, "etas": [0, 1, 2, 8], "learner_gpus": [1, 4], "max_splits": 20, "steps": 8,
+                         **kw})
+
+
+def test_splits_fill_the_budget_hand_counted():
+    # 6 GPUs, teacher replicas of 2: L=1 → t=1, r=3 or t=2, r=1; L=2 → t=1, r=2; L=4 leaves no room for both
+    cfg = small(gpus=6, cluster=ClusterShape(1, 1, gpus_per_teacher_replica=2), learner_gpus=[1, 2, 4])
+    assert sorted(enumerate_splits(cfg)) == [(1, 2, 1), (2, 1, 2), (3, 1, 1)]
+    # 7 GPUs, rollout replicas of 2, teachers of 1: a split with a spare GPU (room for one more teacher) is dropped
+    cfg = small(gpus=7, cluster=ClusterShape(1, 1, gpus_per_rollout_replica=2), learner_gpus=[1, 2])
+    assert sorted(enumerate_splits(cfg)) == [(1, 3, 2), (1, 4, 1), (2, 1, 2), (2, 2, 1)]
+    assert all(2 * r + t + L == 7 for r, t, L in enumerate_splits(cfg))
+    # colocated: no teacher replicas, rollout takes everything the learner leaves
+    cfg = small(gpus=5, cluster=ClusterShape(1, 0, placement="teacher_with_learner"), learner_gpus=[1, 2])
+    assert sorted(enumerate_splits(cfg)) == [(3, 0, 2), (4, 0, 1)]
+
+
+def test_learner_scaling():
+    cfg = small(cluster=ClusterShape(1, 1, learner_gpus=2), learner_scaling_efficiency=0.9)
+    s = cfg.costs.learner_s_per_token
+    assert learner_costs(cfg, 2).learner_s_per_token == pytest.approx(s)
+    assert learner_costs(cfg, 4).learner_s_per_token == pytest.approx(s / 1.8)          # one doubling: 2e faster
+    assert learner_costs(cfg, 8).learner_s_per_token == pytest.approx(s / 1.8 ** 2)
+    assert learner_costs(cfg, 1).learner_s_per_token == pytest.approx(s * 1.8)
+    assert learner_costs(cfg, 8).learner_step_s == cfg.costs.learner_step_s             # fixed cost kept
+    linear = small(cluster=ClusterShape(1, 1, learner_gpus=2), learner_scaling_efficiency=1.0)
+    assert learner_costs(linear, 16).learner_s_per_token == pytest.approx(s / 8)
+
+
+def test_selection_keeps_every_learner_size():
+    # learner-bound costs: every L=4 split has a higher bound than every L=1 split, yet L=1 keeps its best
+    c = CostModel(decode_step_s=0.001, decode_step_s_per_seq=0.0, prefill_s_per_token=0.0, max_batch=8,
+                  teacher_s_per_token=0.0, learner_s_per_token=0.05, learner_step_s=0.0, weight_sync_s=0.0)
+    cfg = small(costs=c, max_splits=3)
+    chosen = select_splits(cfg, 8.0)
+    assert len(chosen) == 3 and [L for _, _, L in chosen].count(1) == 1 and chosen[0][2] == 4
+    assert len(select_splits(small(costs=c, max_splits=1), 8.0)) == 1
+
+
+def test_kl_advice_follows_the_estimator_bound():
+    stale, fwd = small(estimator="reverse_kl_stale"), small(estimator="forward_kl_topk")
+    assert [advise(stale, e)[0] for e in (0, 1, 2, 4, 8)] == [True, True, True, True, False]
+    assert [advise(fwd, e)[0] for e in (0, 1, 2, 4, 8, 16)] == [True] * 5 + [False]
+    assert "forward KL tolerates η ≤ 8" in advise(stale, 8)[1] and "beyond" in advise(fwd, 16)[1]
+    strict = small(estimator="reverse_kl_stale", max_eta={"forward_kl_topk": 8, "reverse_kl_stale": 1})
+    assert [advise(strict, e)[0] for e in (1, 2)] == [True, False]
+
+
+def test_ranking_kl_ok_first_then_samples_per_s():
+    df = run(small(estimator="reverse_kl_stale"))
+    assert len(df) == len(enumerate_splits(small())) * 4 and list(df["rank"]) == list(range(1, len(df) + 1))
+    assert list(df.kl_ok) == sorted(df.kl_ok, reverse=True)              # every kl_ok row before the others
+    assert (df.kl_ok == (df.eta <= 4)).all()
+    for _, part in df.groupby("kl_ok"):
+        assert part.samples_per_s.is_monotonic_decreasing
+    assert (df.gpus_used <= 8).all() and (df.staleness_max <= df.eta).all()
+    assert ((df.idle_rollout >= 0) & (df.idle_rollout <= 1)).all()
+    assert df.iloc[0].eta == 2                     # the largest tolerated η of [0, 1, 2, 8] is fastest here
+
+
+def test_top_row_matches_a_direct_simulation():
+    cfg = small(cluster=ClusterShape(1, 1, learner_gpus=1), learner_scaling_efficiency=0.9)
+    top = run(cfg).iloc[0]
+    L = int(top.learner_gpus)
+    costs = CostModel(**{**cfg.costs.__dict__, "learner_s_per_token": 0.01 / L / 0.9 ** math.log2(L)})
+    _, s = simulate(ClusterShape(int(top.rollout_replicas), int(top.teacher_replicas), learner_gpus=L), costs,
+                    cfg.workload, SchedulerConfig(max_staleness=int(top.eta)), cfg.steps, cfg.seed)
+    assert top.samples_per_s == pytest.approx(s["samples_per_s"], rel=1e-12)
+    assert top.idle_learner == pytest.approx(1 - s["util_learner"], rel=1e-12)
+
+
+@pytest.mark.parametrize("learner_bound", [True, False])
+def test_the_bottleneck_decides_the_learner_size(learner_bound):
+    # learner-bound: 0.05 s/token · 32 tokens on 1 GPU ≫ rollout; rollout-bound: slow decode, cheap learner
+    c = (CostModel(decode_step_s=0.001, decode_step_s_per_seq=0.0, prefill_s_per_token=0.0, max_batch=8,
+                   teacher_s_per_token=0.0, learner_s_per_token=0.05, learner_step_s=0.0, weight_sync_s=0.0)
+         if learner_bound else
+         CostModel(decode_step_s=0.1, decode_step_s_per_seq=0.0, prefill_s_per_token=0.0, max_batch=1,
+                   teacher_s_per_token=0.0, learner_s_per_token=1e-4, learner_step_s=0.0, weight_sync_s=0.0))
+    df = run(small(costs=c, estimator="forward_kl_topk"))
+    best = df.groupby(["eta", "learner_gpus"]).samples_per_s.max().unstack()
+    if learner_bound:
+        assert df.iloc[0].learner_gpus == 4 and (best[4] > 2 * best[1]).all()
+    else:
+        assert df.iloc[0].learner_gpus == 1 and (best[1] > best[4]).all()
+
+
+def test_bound_closed_form_and_upper_bounds_the_simulation():
+    cfg = small()
+    c = cfg.costs
+    # r=5, t=2, L=1, η=1: n = min(8, ⌈2·4/5⌉) = 2; per trajectory 8·step_s(2)/2 + 4·0.001 = 0.048 s
+    R_r, R_t = 5 / (8 * c.step_s(2) / 2 + 0.004), 2 / (0.002 * 12)
+    R_L = 4 / (0.05 + 0.01 * 4 * 8 + 0.02)
+    b, serial = bound(cfg, 5, 2, 1, 1, 8.0)
+    assert b == pytest.approx(min(R_r, R_t, R_L)) and serial == pytest.approx(1 / (1 / R_r + 1 / R_t + 1 / R_L))
+    df = run(cfg)
+    assert (df.samples_per_s <= df.bound_samples_per_s * (1 + 1e-9)).all()
+
+
+LATENCY_BOUND = CostModel(decode_step_s=0.1, decode_step_s_per_seq=0.0, prefill_s_per_token=0.0, max_batch=64,
+                          teacher_s_per_token=0.0, learner_s_per_token=1e-4, learner_step_s=0.0, weight_sync_s=0.0)
+
+
+def test_recommendation_names_the_split_and_forward_kl():
+    # rollouts take 0.8 s whatever the batch, so samples/s grow with the (η+1)·B in flight: η = 8 beats η = 1
+    cfg = small(costs=LATENCY_BOUND, estimator="reverse_kl_stale", etas=[0, 1, 8])
+    line = recommend(run(cfg), cfg)
+    assert line.startswith("Recommendation for reverse_kl_stale (η ≤ 4)") and "η = 1" in line
+    assert "Forward KL (η ≤ 8) would allow" in line and "η = 8" in line
+    none_ok = small(costs=LATENCY_BOUND, estimator="reverse_kl_stale", etas=[8])
+    assert "No candidate" in recommend(run(none_ok), none_ok)
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(gpus=2), "gpus"), (dict(gpus=0), "gpus"), (dict(learner_gpus=[8]), "gpus"),
+    (dict(etas=[0, -1]), "etas"), (dict(etas=[]), "etas"), (dict(etas=[1, 1]), "etas"),
+    (dict(learner_gpus=[0, 2]), "learner_gpus"), (dict(on_stale="skip"), "on_stale"),
+    (dict(learner_scaling_efficiency=0.0), "learner_scaling_efficiency"),
+    (dict(learner_scaling_efficiency=1.5), "learner_scaling_efficiency"),
+    (dict(estimator="reverse_kl_topk"), "estimator"), (dict(max_eta={"reverse_kl_stale": 1}), "max_eta"),
+    (dict(steps=0), "steps"), (dict(max_splits=0), "max_splits"), (dict(top=0), "top"), (dict(seed=-1), "seed"),
+])
+def test_validation_names_the_field(kw, field):
+    with pytest.raises(ValueError, match=rf"^{field} "):
+        small(**kw)
+
+
+def test_smallest_budget_is_allowed():
+    # one rollout (1), one teacher (1) and the smallest learner (1)
+    assert enumerate_splits(small(gpus=3, learner_gpus=[1, 4])) == [(1, 1, 1)]
+
+
+CLUSTER = """# @package _global_
+cluster: {rollout_replicas: 1, teacher_replicas: 1, placement: separate, gpus_per_rollout_replica: 1,
+          gpus_per_teacher_replica: 1, learner_gpus: 1}
+costs: {decode_step_s: 0.01, decode_step_s_per_seq: 0.001, prefill_s_per_token: 0.001, max_batch: 8,
+        teacher_s_per_token: 0.002, learner_s_per_token: 0.01, learner_step_s: 0.05, weight_sync_s: 0.02}
+"""
+WORKLOAD = "batch_size: 4\nprompt_len: 4\nlength: {dist: fixed, mean: 8, max: 8}\n"
+
+
+def plan_cli(tmp_path, *overrides):
+    """Run `python -m sim.plan` on a tiny cluster and workload written to tmp_path (not the shipped files)."""
+    conf = tmp_path / "conf"
+    (conf / "cluster").mkdir(parents=True)
+    (conf / "workload").mkdir()
+    (conf / "cluster" / "test_tiny.yaml").write_text(CLUSTER)
+    (conf / "workload" / "test_tiny.yaml").write_text(WORKLOAD)
+    return subprocess.run([sys.executable, "-m", "sim.plan", f"hydra.searchpath=[file://{conf}]",
+                           "cluster=test_tiny", "workload=test_tiny", f"hydra.run.dir={tmp_path / 'out'}",
+                           "steps=6", "learner_gpus=[1,2]", *overrides], capture_output=True, text=True)
+
+
+def test_cli_writes_plan_csv_and_png(tmp_path):
+    p = plan_cli(tmp_path, "gpus=6", "etas=[0,2,8]", "estimator=reverse_kl_stale", "top=3")
+    assert p.returncode == 0, p.stderr
+    df = pd.read_csv(tmp_path / "out" / "plan.csv")
+    assert {"rollout_replicas", "teacher_replicas", "learner_gpus", "gpus_used", "eta", "samples_per_s",
+            "tokens_per_s", "staleness_mean", "staleness_max", "idle_rollout", "idle_teacher", "idle_learner",
+            "latency_mean_s", "n_dropped", "kl_ok", "advice"} <= set(df.columns)
+    assert sorted(map(tuple, df[["rollout_replicas", "teacher_replicas", "learner_gpus"]].drop_duplicates()
+                      .to_numpy())) == [(1, 3, 2), (1, 4, 1), (2, 2, 2), (2, 3, 1), (3, 1, 2), (3, 2, 1), (4, 1, 1)]
+    assert (df.gpus_used == 6).all() and (df.kl_ok == (df.eta <= 4)).all()
+    assert (tmp_path / "out" / "plan.png").stat().st_size > 10_000
+    assert "Recommendation for reverse_kl_stale (η ≤ 4)" in p.stdout
+    assert len([ln for ln in p.stdout.splitlines() if ln.strip()[:1].isdigit()]) == 3   # top=3 table rows
+
+
+def test_cli_exits_non_zero_naming_the_field(tmp_path):
+    p = plan_cli(tmp_path, "gpus=0")
+    assert p.returncode != 0 and "gpus must be an int >= 3" in p.stderr
