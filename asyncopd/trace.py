@@ -10,7 +10,8 @@ module never reads a clock. Kinds, and the columns each one fills (others keep t
     teacher      one scoring call                          n_seqs, tokens (all positions forwarded), dur_s
     learner_step one optimiser step                        n_seqs, tokens, version = new version, staleness (mean)
     weight_sync  weights published to a worker             bytes, version, dur_s
-    decode_iter  one engine iteration (cost calibration)   n_seqs running, tokens produced, dur_s
+    decode_iter  one engine iteration (cost calibration)   n_seqs decoded (one token each), tokens = prompt
+                                                           tokens prefilled in the iteration, dur_s
 
 `write`/`read` use CSV or Parquet by suffix; `to_perfetto` writes Chrome trace-event JSON for ui.perfetto.dev.
 """

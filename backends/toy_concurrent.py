@@ -17,7 +17,8 @@ drains its engine, then loads. A trajectory carries `admit_version` (what the sc
 `behav_version` (its oldest token's version), so staleness is always counted from the weights that really
 produced it. Every process calls `torch.set_num_threads(threads_per_role)` so the roles overlap.
 
-Outputs as lockstep (metrics.csv, trace.csv + trace.json, checkpoint/), plus run_info.json (placement, final
+Outputs as lockstep (metrics.csv, trace.csv + trace.json, checkpoint/), plus staleness_hist.csv (trajectories
+trained since this process started, as sim.run writes it) and run_info.json (placement, final
 scheduler counts: n_admitted = n_trained + n_dropped + in_flight + n_ready). Trace times are `time.monotonic()`
 (one clock for all processes on Linux) from a shared origin; rollout workers add `decode_iter` events, and a
 rollout span starts when the worker queues the request in its engine (queueing for a slot included).
@@ -40,7 +41,7 @@ import queue
 import signal
 import time
 import traceback
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -185,10 +186,10 @@ def rollout_worker(i, cfg, model_bytes, teacher_bytes, version, origin, req_q, w
                 return
             time.sleep(POLL_S)                            # idle, or waiting for weights in transit
             continue
-        t0, tokens0 = rec.now(), engine.stats.tokens
+        t0, tokens0, prefill0 = rec.now(), engine.stats.tokens, engine.stats.prefill_tokens
         finished = engine.step()
         rec.span("decode_iter", t0, worker=i, version=engine.version, n_seqs=engine.stats.tokens - tokens0,
-                 tokens=engine.stats.tokens - tokens0)
+                 tokens=engine.stats.prefill_tokens - prefill0)
         for traj in finished:
             t_start, w = started.pop(traj.uid)
             done_acc.append(replace(traj, admit_version=w))
@@ -274,6 +275,7 @@ def run(cfg, out_dir: Path) -> pd.DataFrame:
         pd.DataFrame(rows).to_csv(out_dir / "metrics.csv.tmp", index=False)
         Path(out_dir / "metrics.csv.tmp").replace(out_dir / "metrics.csv")
         trace.write(sorted(rec.events, key=lambda e: e.t), out_dir / "trace.csv")
+        trace.staleness_hist(hist).to_csv(out_dir / "staleness_hist.csv", index=False)
         if ckpt:
             checkpoint.save(ckpt_root, version=version, model=learner.model, optimizer=learner.optimizer,
                             ring={version: learner.state_dict()},
@@ -340,6 +342,7 @@ def run(cfg, out_dir: Path) -> pd.DataFrame:
             del scores[t.uid]
 
     ready: set[str] = set()
+    hist: Counter = Counter()                             # staleness of every trajectory trained in this process
     try:
         for p in procs.values():
             p.start()
@@ -376,6 +379,7 @@ def run(cfg, out_dir: Path) -> pd.DataFrame:
             learner_s = rec.now() - t0
             version = sched.on_learner_step()
             record_drops()
+            hist.update(batch.staleness)
             rec.span("learner_step", t0, version=version, n_seqs=len(batch), tokens=batch.n_tokens,
                      staleness=float(np.mean(batch.staleness)))
             msg = _dumps((version, learner.state_dict()))
@@ -408,7 +412,8 @@ def run(cfg, out_dir: Path) -> pd.DataFrame:
         log.info("nothing to do: the checkpoint is already at step %d >= steps=%d", start, cfg.steps)
     else:
         save_outputs(sched.version, ckpt=False)           # the trace now holds the children's last events too
-    info = {"exec": "concurrent", "eta": eta, "placement": c.placement, "rollout_workers": c.rollout_workers,
+    info = {"exec": "concurrent", "eta": eta, "batch_size": B, "engine_slots": toy.engine_slots,
+            "placement": c.placement, "rollout_workers": c.rollout_workers,
             "weight_update": c.weight_update, "kv_on_update": c.kv_on_update, "on_stale": c.on_stale,
             "threads_per_role": c.threads_per_role, "scheduler": counts, "resumed_from_step": start}
     trace.to_perfetto(rec.events, out_dir / "trace.json")

@@ -123,3 +123,27 @@ def test_unknown_estimator_is_a_value_error_and_the_config_stays_readable():
     assert isinstance(composed(), Config) and composed("scale=smoke").scale == "smoke"
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         assert len(OmegaConf.to_yaml(compose("kl_direction")).splitlines()) <= 80   # what --cfg job prints
+
+
+@pytest.mark.slow
+def test_sim_vs_real_smoke(tmp_path):
+    """Calibrate on a tiny concurrent run, predict and run one held-out config: the files and columns are there,
+    the calibration config's own prediction is sane, and the synchronous config's staleness is exactly 0 on both."""
+    out = tmp_path / "out"
+    tiny = ["toy.n_symbols=4", "toy.max_len=4", "toy.teacher_layers=1", "toy.teacher_width=32", "toy.teacher_steps=60",
+            "toy.student_layers=1", "toy.student_width=16", "toy.student_warmup_steps=5", "toy.n_head=2",
+            "toy.sft_batch_size=32", "toy.engine_slots=16"]
+    cmd = [sys.executable, "-m", "studies.sim_vs_real", "steps=12", "warmup=2", "sim_seeds=1",
+           "calibration={name: cal, eta: 1, batch_size: 8, rollout_workers: 1, length_power: 1.3}",
+           "configs=[{name: sync, eta: 0, batch_size: 8, rollout_workers: 1, length_power: 1.3}]",
+           f"hydra.run.dir={out}", *tiny]
+    env = {**os.environ, "ASYNCOPD_CACHE": str(tmp_path / "cache")}
+    p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    df = pd.read_csv(out / "comparison.csv")
+    assert df.config.tolist() == ["cal", "sync"] and df.held_out.tolist() == [False, True]
+    assert (df.measured_samples_per_s > 0).all() and (df.predicted_samples_per_s > 0).all()
+    sync = df.set_index("config").loc["sync"]
+    assert sync.measured_staleness_mean == sync.predicted_staleness_mean == 0 and sync.staleness_tv_distance == 0
+    for name in ("report.md", "comparison.png", "calibration/cluster/calibrated.yaml"):
+        assert (out / name).stat().st_size > 0
