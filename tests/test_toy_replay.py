@@ -10,7 +10,7 @@ from backends import checkpoint
 from backends.run import run
 from sim.costs import ClusterShape, CostModel, LengthDist, Workload
 from sim.run import SimConfig, run as sim_run
-from tests.test_toy_run import tiny
+from test_toy_run import tiny  # tests/ is on sys.path (pytest prepend import mode)
 
 STEPS = 8
 
