@@ -174,27 +174,36 @@ class Evaluator:
                 "eval_response_len": float(np.mean([t.n_tokens for t in greedy]))}
 
 
+def lockstep_parts(cfg):
+    """(task, engine, teacher, learner, evaluate, model_info) of a one-process run (lockstep and its schedule
+    replay): torch threads and device from cfg.toy, the cached models, and the engine capturing what the
+    objective's cache layout needs."""
+    toy = cfg.toy
+    if toy.threads:
+        torch.set_num_threads(toy.threads)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if toy.device == "auto" else toy.device)
+    task, teacher_model, student_model, model_info = build_models(toy)
+    _, n_samples = cache_layout(cfg.objective)
+    engine = ToyRolloutEngine(student_model, max_batch=toy.engine_slots, max_new_tokens=task.max_response_len,
+                              temperature=toy.temperature, eos_id=task.eos_id, seed=cfg.seed,
+                              capture_samples=n_samples, device=device)
+    teacher = ToyTeacher(teacher_model, batch_size=toy.batch_size, device=device)
+    learner = ToyLearner(student_model.to(device), cfg.objective, lr=toy.lr, pad_id=task.pad_id,
+                         weight_decay=toy.weight_decay, grad_clip=toy.grad_clip, vcpo_lr=toy.vcpo_lr)
+    evaluate = Evaluator(task, student_model, teacher.model, n_prompts=toy.eval_prompts, seed=cfg.seed, device=device)
+    return task, engine, teacher, learner, evaluate, model_info
+
+
 def run(cfg, out_dir: Path) -> pd.DataFrame:
     """One lockstep run; `cfg` is a backends.run.RunConfig. Returns the metrics table (also in metrics.csv)."""
     toy, objective = cfg.toy, cfg.objective
     k = parse_staleness(cfg.staleness)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if toy.threads:
-        torch.set_num_threads(toy.threads)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if toy.device == "auto" else toy.device)
-
-    task, teacher_model, student_model, model_info = build_models(toy)
+    task, engine, teacher, learner, evaluate, model_info = lockstep_parts(cfg)
     topk, n_samples = cache_layout(objective)
     B = toy.batch_size
-    engine = ToyRolloutEngine(student_model, max_batch=toy.engine_slots, max_new_tokens=task.max_response_len,
-                              temperature=toy.temperature, eos_id=task.eos_id, seed=cfg.seed,
-                              capture_samples=n_samples, device=device)
-    teacher = ToyTeacher(teacher_model, batch_size=B, device=device)
-    learner = ToyLearner(student_model.to(device), objective, lr=toy.lr, pad_id=task.pad_id,
-                         weight_decay=toy.weight_decay, grad_clip=toy.grad_clip, vcpo_lr=toy.vcpo_lr)
-    evaluate = Evaluator(task, student_model, teacher.model, n_prompts=toy.eval_prompts, seed=cfg.seed, device=device)
-    weight_bytes = sum(p.numel() * p.element_size() for p in student_model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in learner.model.parameters())
 
     # --- start or resume --------------------------------------------------------------------------------
     ckpt_root, digest = out_dir / "checkpoint", config_digest(cfg)

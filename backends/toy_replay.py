@@ -38,10 +38,8 @@ from asyncopd.objective import cache_layout
 from asyncopd.rollout import Trajectory
 from asyncopd.scheduler import Scheduler, SchedulerConfig
 from backends import checkpoint
-from backends.toy import Evaluator, batch_monitors, build_models, config_digest
-from backends.toy_engine import ToyRolloutEngine
-from backends.toy_learner import ToyLearner
-from backends.toy_teacher import ToyTeacher, scored_tokens
+from backends.toy import batch_monitors, config_digest, lockstep_parts
+from backends.toy_teacher import scored_tokens
 
 log = logging.getLogger(__name__)
 
@@ -87,18 +85,8 @@ def run(cfg, out_dir: Path, schedule: str) -> pd.DataFrame:
     ops, B, eta = doc["ops"], toy.batch_size, doc["scheduler"].eta
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if toy.threads:
-        torch.set_num_threads(toy.threads)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if toy.device == "auto" else toy.device)
-    task, teacher_model, student_model, model_info = build_models(toy)
+    task, engine, teacher, learner, evaluate, model_info = lockstep_parts(cfg)
     topk, n_samples = cache_layout(objective)
-    engine = ToyRolloutEngine(student_model, max_batch=toy.engine_slots, max_new_tokens=task.max_response_len,
-                              temperature=toy.temperature, eos_id=task.eos_id, seed=cfg.seed,
-                              capture_samples=n_samples, device=device)
-    teacher = ToyTeacher(teacher_model, batch_size=B, device=device)
-    learner = ToyLearner(student_model.to(device), objective, lr=toy.lr, pad_id=task.pad_id,
-                         weight_decay=toy.weight_decay, grad_clip=toy.grad_clip, vcpo_lr=toy.vcpo_lr)
-    evaluate = Evaluator(task, student_model, teacher.model, n_prompts=toy.eval_prompts, seed=cfg.seed, device=device)
 
     ckpt_root, digest = out_dir / "checkpoint", config_digest(cfg)
     resumed = cfg.resume and checkpoint.resume(ckpt_root, digest=digest, model=learner.model,
