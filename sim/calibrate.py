@@ -7,13 +7,17 @@ the same schema as any backend) fits it by non-negative least squares (scipy.opt
                        over `decode_iter` events (n sequences decoded, p prompt tokens prefilled), plus the
                        worker's loop overhead: the median gap between one iteration's end and the next one's start
                        (only gaps with nothing else in between and shorter than `idle_gap_s`: longer ones are idle)
-    learner step       dur  = learner_step_s + learner_s_per_token·tokens        over `learner_step` events
-    teacher            teacher_s_per_token = Σ scoring time / Σ scored tokens   (calls are batched; a fixed cost per
-                       call is folded in at the measured batching). Colocated scoring also pays for handing the
-                       scored batch over: the gap after a `teacher` span, less the usual loop overhead.
-    weight sync        weight_sync_s = mean time from the end of learner step v to the end of a worker's load of
-                       version v (`weight_sync` events): publishing, transfer, pickup and loading
-
+    learner step       dur  = learner_step_s + learner_s_per_token·tokens        over `learner_step` events;
+                       publish_s = median time from a step's end to the learner's next admission (it hands its
+                       weights out and books the step in between, and cannot train meanwhile)
+    teacher call       dur  = teacher_call_s + teacher_s_per_seq·n + teacher_s_per_token·tokens   over `teacher`
+                       events. Colocated scoring also pays for handing the scored batch over: the median gap after
+                       a `teacher` span (shorter than idle_gap_s), less the loop overhead, joins teacher_call_s. A
+                       separate toy teacher batches up to B per call (teacher_max_batch = B).
+    weight sync        weight_sync_s = median time from the end of learner step v to the end of a worker's load
+                       of version v (`weight_sync` events: publishing, transfer, pickup and loading), over the loads
+                       of workers that were idle, waiting, when the step ended (see weight_sync_delay). In the
+                       model the replicas start no request of version v before then; the learner does not wait.
 The workload comes from the trace too: response lengths as an empirical distribution (`rollout` events), the
 mean prompt length (scored tokens minus response tokens per sequence), B; the cluster from run_info.json
 (rollout workers, placement; a colocated teacher scores in groups of B // 4 as the toy worker does).
@@ -100,7 +104,7 @@ def calibrate(df: pd.DataFrame, info: dict, cfg: CalibrateConfig) -> tuple[Clust
     it = df[df.kind == "decode_iter"]
     X = np.column_stack([np.ones(len(it)), it.n_seqs - 1, it.tokens])
     (d0, d_seq, d_pre), r2_decode = fit(it.dur_s.to_numpy(), X)
-    overheads, teacher_extra = [], 0.0
+    overheads, handovers = [], []
     for w, ev in df[df.kind.isin(["decode_iter", "teacher", "weight_sync"]) & (df.role != "learner")].groupby("worker"):
         ev = ev[(ev.role == "rollout") | ((ev.kind == "teacher") & colocated) | (ev.kind == "weight_sync")]
         ev = ev.sort_values("t")
@@ -109,22 +113,25 @@ def calibrate(df: pd.DataFrame, info: dict, cfg: CalibrateConfig) -> tuple[Clust
             gap = t[k + 1] - end[k]
             if kinds[k] == "decode_iter" and kinds[k + 1] == "decode_iter" and gap < cfg.idle_gap_s:
                 overheads.append(gap)
-            elif kinds[k] == "teacher" and kinds[k + 1] == "decode_iter":
-                teacher_extra += gap
+            elif kinds[k] == "teacher" and gap < cfg.idle_gap_s:
+                handovers.append(gap)
     overhead = float(np.median(overheads)) if overheads else 0.0
 
-    # teacher: effective seconds per scored token at the measured batching
+    # teacher: call + per sequence + per token by NNLS; colocated, each call also hands its batch over
     te = df[df.kind == "teacher"]
-    if colocated:
-        teacher_extra -= overhead * len(te)
-    teacher_s_per_token = float((te.dur_s.sum() + max(0.0, teacher_extra)) / max(1, te.tokens.sum()))
+    (t_call, t_seq, t_tok), r2_teacher = fit(te.dur_s.to_numpy(),
+                                             np.column_stack([np.ones(len(te)), te.n_seqs, te.tokens]))
+    handover = max(0.0, float(np.median(handovers)) - overhead) if handovers else 0.0
 
-    # learner and weight sync
+    # learner: the step by NNLS, then what it does per step before admitting again (publishing its weights)
     (l0, l_tok), r2_learner = fit(steps.dur_s.to_numpy(), np.column_stack([np.ones(len(steps)), steps.tokens]))
+    admits = np.sort(df[df.kind == "admit"].t.to_numpy())
+    ends = (steps.t + steps.dur_s).to_numpy()
+    k = np.searchsorted(admits, ends)
+    publish_s = float(np.median(admits[k[k < len(admits)]] - ends[k < len(admits)])) if len(admits) else 0.0
     ws = df[df.kind == "weight_sync"]
     step_end = dict(zip(steps.version, steps.t + steps.dur_s))
-    delays = [t + d - step_end[v] for v, t, d in zip(ws.version, ws.t, ws.dur_s) if v in step_end]
-    weight_sync_s = float(np.mean(delays)) if delays else 0.0
+    weight_sync_s, sync_diag = weight_sync_delay(df, ws, step_end, colocated, publish_s)
 
     # workload
     ro = df[df.kind == "rollout"]
@@ -135,16 +142,45 @@ def calibrate(df: pd.DataFrame, info: dict, cfg: CalibrateConfig) -> tuple[Clust
                            placement=PLACEMENT[info["placement"]], score_group=max(1, B // 4))
     costs = CostModel(decode_step_s=float(d0 + overhead), decode_step_s_per_seq=float(d_seq),
                       prefill_s_per_token=float(d_pre), max_batch=int(info["engine_slots"]),
-                      teacher_s_per_token=teacher_s_per_token, learner_s_per_token=float(l_tok),
-                      learner_step_s=float(l0), weight_sync_s=weight_sync_s)
+                      teacher_s_per_token=float(t_tok), teacher_s_per_seq=float(t_seq),
+                      teacher_call_s=float(t_call) + handover, teacher_max_batch=B,
+                      learner_s_per_token=float(l_tok), learner_step_s=float(l0), publish_s=publish_s,
+                      weight_sync_s=weight_sync_s)
     workload = Workload(batch_size=B, prompt_len=prompt_len,
                         length=LengthDist("empirical", mean=float(np.mean(lengths)), max=int(max(lengths)),
                                           values=lengths))
-    diag = {"r2_decode": r2_decode, "r2_learner": r2_learner, "decode_loop_overhead_s": overhead,
+    diag = {"r2_decode": r2_decode, "r2_teacher": r2_teacher, "r2_learner": r2_learner,
+            "decode_loop_overhead_s": overhead, "teacher_handover_s": handover,
             "n_decode_iters": len(it), "n_overhead_gaps": len(overheads), "n_teacher_calls": len(te),
-            "n_learner_steps": len(steps), "n_rollouts": len(ro), "n_weight_loads": len(delays),
+            "n_learner_steps": len(steps), "n_rollouts": len(ro), **sync_diag,
             "measured": {"eta": info["eta"], "on_stale": info["on_stale"], "batch_size": B}}
     return cluster, costs, workload, diag
+
+
+def weight_sync_delay(df: pd.DataFrame, ws: pd.DataFrame, step_end: dict, colocated: bool, publish_s: float,
+                      min_idle: int = 5) -> tuple[float, dict]:
+    """Seconds from a learner step's end until a *waiting* worker can use the new weights. A worker busy with a
+    decode iteration or a teacher call when the step ends picks the weights up only after it; the model already
+    has that wait (a replica admits between its own segments), so counting it here would count it twice. Hence the
+    median over loads whose worker was idle when the step ended. With fewer than `min_idle` of those (a worker
+    that is always busy), publish_s plus the median time from the end of the worker's busy call to its load's end
+    (the learner hands the weights out, the worker picks them up and loads them)."""
+    busy = df[(df.kind == "decode_iter") | ((df.kind == "teacher") & colocated)]      # the worker's own calls
+    idle, after_busy = [], []
+    for w, loads in ws.groupby("worker"):
+        b = busy[busy.worker == w].sort_values("t")
+        b_start, b_end = b.t.to_numpy(), (b.t + b.dur_s).to_numpy()
+        for v, t, d in zip(loads.version, loads.t, loads.dur_s):
+            if v not in step_end:
+                continue
+            k = np.searchsorted(b_start, t) - 1           # the worker's last call before this load
+            prev_end = b_end[k] if k >= 0 else -np.inf
+            (idle if prev_end <= step_end[v] else after_busy).append(t + d - max(step_end[v], prev_end))
+    if len(idle) >= min_idle or not after_busy:
+        delay = np.median(idle) if idle else 0.0
+    else:
+        delay = publish_s + np.median(after_busy)
+    return float(delay), {"n_weight_loads_idle": len(idle), "n_weight_loads_busy": len(after_busy)}
 
 
 def write(out_dir: Path, cluster: ClusterShape, costs: CostModel, workload: Workload, diag: dict, source: str) -> None:

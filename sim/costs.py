@@ -5,7 +5,8 @@ replica can be advanced analytically. A rollout replica running n sequences take
 
     step_s(n) = decode_step_s + (n − 1) · decode_step_s_per_seq                 (n ≥ 1)
 
-and produces one token per running sequence. Prefill, teacher scoring and the learner are linear in tokens.
+and produces one token per running sequence. Prefill and the learner are linear in tokens; a teacher call on n
+sequences of T positions in all takes teacher_call_s + n·teacher_s_per_seq + T·teacher_s_per_token.
 Every field is validated in `__post_init__` (ValueError naming the field and its range). Times in seconds.
 """
 
@@ -44,16 +45,27 @@ class CostModel:
     prefill_s_per_token: float = 2e-5    # s per prompt token, paid when a sequence joins a replica, >= 0
     max_batch: int = 64                  # concurrent sequences per rollout replica, >= 1
     teacher_s_per_token: float = 5e-5    # s per scored position (prompt + response) on one teacher replica, >= 0
+    teacher_s_per_seq: float = 0.0       # s per scored sequence (padding, per-sequence work), >= 0
+    teacher_call_s: float = 0.0          # s, fixed cost of one teacher call (a batch of sequences), >= 0
+    teacher_max_batch: int = 1           # sequences one separate teacher replica scores per call, >= 1
     learner_s_per_token: float = 1e-4    # s per trained response token, >= 0
     learner_step_s: float = 0.5          # s, fixed cost per learner step, >= 0
-    weight_sync_s: float = 0.2           # s to publish new weights to every rollout replica, >= 0
+    publish_s: float = 0.0               # s the learner itself spends per step handing its weights out, >= 0
+    weight_sync_s: float = 0.2           # s from a learner step's end until every rollout replica holds the new
+                                         # weights (transfer and load); replicas start no request of the new
+                                         # version before, the learner goes on after publish_s, >= 0
 
     def __post_init__(self):
         _check_time(self, "decode_step_s", positive=True)
-        for name in ("decode_step_s_per_seq", "prefill_s_per_token", "teacher_s_per_token",
-                     "learner_s_per_token", "learner_step_s", "weight_sync_s"):
+        for name in ("decode_step_s_per_seq", "prefill_s_per_token", "teacher_s_per_token", "teacher_s_per_seq",
+                     "teacher_call_s", "learner_s_per_token", "learner_step_s", "publish_s", "weight_sync_s"):
             _check_time(self, name)
         _check_int(self, "max_batch", 1)
+        _check_int(self, "teacher_max_batch", 1)
+
+    def score_s(self, n_seqs: int, tokens: int) -> float:
+        """One teacher call scoring n_seqs sequences of `tokens` positions in all."""
+        return self.teacher_call_s + n_seqs * self.teacher_s_per_seq + tokens * self.teacher_s_per_token
 
     def step_s(self, n: int) -> float:
         """One decode iteration with n ≥ 1 running sequences."""
@@ -77,7 +89,7 @@ class ClusterShape:
     for the learner, for `learner_gpus` GPUs.
     """
     rollout_replicas: int = 1            # rollout engines, each with its own continuous batch, >= 1
-    teacher_replicas: int = 1            # teacher servers, each scores one trajectory at a time, >= 1 (0 if colocated)
+    teacher_replicas: int = 1            # teacher servers, each one call at a time, >= 1 (0 if colocated)
     placement: str = "separate"          # separate | teacher_with_rollout | teacher_with_learner
     gpus_per_rollout_replica: int = 1    # GPUs one rollout replica occupies (tensor parallel), >= 1
     gpus_per_teacher_replica: int = 1    # GPUs one teacher replica occupies, >= 1

@@ -6,27 +6,30 @@ backend calls it (try_admit, on_rollout_done, next_batch, on_learner_step), and 
 
 Semantics (the choices a calibration must match):
 - Rollout replica: continuous batching up to `max_batch`. At each change of its batch it admits with `try_admit()`
-  until full or refused; the returned version is the behaviour version (weights are never swapped in flight, so
+  until full or refused, but only once the replicas hold the scheduler's current version (a request of version v
+  starts on weights v); the returned version is the behaviour version (weights are never swapped in flight, so
   behav_version == admit_version). Newcomers are prefilled one after another (prefill_s_per_token·prompt_len
   each) while the running sequences stall. With n running, one iteration takes `CostModel.step_s(n)`, so the
   replica sleeps (min remaining tokens)·step_s(n) in one timeout, not one event per token. A replica with room
-  registers as waiting for admission capacity; when the scheduler frees capacity (a weight update or a drop),
+  registers as waiting for admission capacity; when capacity frees up (new weights arrive, or a drop),
   `Scheduler.headroom()` slots are handed out least-loaded replica first, waking only the replicas whose room
-  covers them. A woken replica finishes the current iteration, subtracts the whole iterations done and admits. No `decode_iter` events are written: the model has
-  no per-iteration events (the real engines write them for calibration).
-- Teacher: a Store of generated trajectories served by `teacher_replicas` processes; scoring one costs
-  teacher_s_per_token·(prompt_len + n_tokens). Only then is the trajectory handed to `on_rollout_done`.
+  covers them. A woken replica finishes the current iteration, subtracts the whole iterations done and admits.
+  No `decode_iter` events are written (the real engines write them for calibration).
+- Teacher: a Store of generated trajectories served by `teacher_replicas` processes; a call takes whatever is
+  waiting, up to teacher_max_batch, and costs CostModel.score_s(n, Σ(prompt_len + n_tokens)). Only then are the
+  trajectories handed to `on_rollout_done`.
 - Shared hardware (ClusterShape.placement). teacher_with_rollout: a replica scores its own finished
   trajectories, `score_group` at a time (or all it has when its batch is empty), and neither decodes nor
   admits meanwhile; utilisation counts scoring as teacher time of the replica's device. teacher_with_learner:
   one teacher process and the learner share a PriorityResource of capacity 1; the learner goes first, a
   scoring in progress is finished (no preemption).
-- Learner: waits for `next_batch()`, trains learner_step_s + learner_s_per_token·(response tokens), then syncs
-  for weight_sync_s, and only then calls `on_learner_step()`. So the scheduler's version is the version the
-  rollout replicas hold: rollouts admitted during the sync get the old version, those admitted after it the new.
-- Summary: T = time the last sync ends. A trajectory is "trained" when `next_batch` returns it; latency is
+- Learner: waits for `next_batch()`, trains learner_step_s + learner_s_per_token·(response tokens), calls
+  `on_learner_step()` at once (as the concurrent backend does: trajectories delivered from then on count
+  against the new version), then spends publish_s handing the weights out. The weights reach the rollout
+  replicas weight_sync_s after the step's end (a `weight_sync` span); the learner does not wait for them.
+- Summary: T = time the replicas receive the last weights. A trajectory is "trained" when `next_batch` returns it; latency is
   admission → that moment, in_flight counts admitted, not yet trained and not dropped (Little's law holds
-  exactly up to the end effect when nothing is dropped). util_learner counts training, not sync.
+  exactly up to the end effect when nothing is dropped). util_learner counts training, not publishing.
 
 Run: `events, summary = simulate(ClusterShape(), CostModel(), Workload(), SchedulerConfig(max_staleness=1), 100)`.
 """
@@ -61,6 +64,7 @@ class _Sim:
         self.wait_ev: dict[int, object] = {}     # rid -> its live registration; heap entries not here are stale
         self.seq = 0
         self.ready = env.event()             # fires when a trajectory reaches the ready pool
+        self.held = 0                        # newest weight version the rollout replicas hold
         self.next_uid = 0
         self.admit_t: dict[int, float] = {}  # uid -> admission time, until trained or dropped
         n_teacher = {"separate": cluster.teacher_replicas, "teacher_with_rollout": cluster.rollout_replicas,
@@ -108,14 +112,19 @@ class _Sim:
         self.wait_ev[rid] = ev
         heapq.heappush(self.waiting, (n_running, self.seq, rid, ev))
         self.seq += 1
-        if self.sched.headroom() > 0:                    # freed while this replica was prefilling or scoring
+        if self.headroom() > 0:                          # freed while this replica was prefilling or scoring
             self.capacity_freed()
         return ev
+
+    def headroom(self) -> int:
+        """Admission slots a replica can use now: none while the scheduler's version has not reached the replicas
+        (a request of version v starts on weights v, and they are still in transit)."""
+        return self.sched.headroom() if self.held >= self.sched.version else 0
 
     def capacity_freed(self) -> None:
         """Hand the scheduler's free admission slots to waiting replicas, least loaded first; wake no more replicas
         than the slots can fill (each takes up to max_batch − n_running)."""
-        free = self.sched.headroom()
+        free = self.headroom()
         while free > 0 and self.waiting:
             n_running, _, rid, ev = heapq.heappop(self.waiting)
             if self.wait_ev.get(rid) is not ev:
@@ -143,7 +152,7 @@ def rollout_replica(env, sim: _Sim, rid: int):
             sim.set_busy("teacher", rid, False)
             finished = []
         new = []
-        while len(running) + len(new) < c.max_batch:
+        while len(running) + len(new) < c.max_batch and sim.held >= sim.sched.version:
             w = sim.sched.try_admit()
             if w is None:
                 break
@@ -182,12 +191,10 @@ def rollout_replica(env, sim: _Sim, rid: int):
 
 
 def score(env, sim: _Sim, trajs: list[Trajectory], worker: int):
-    """Score trajectories one after another, then hand each to the scheduler (a SimPy sub-process)."""
-    P = sim.workload.prompt_len
-    for traj in trajs:
-        t0 = env.now
-        yield env.timeout(sim.costs.teacher_s_per_token * (P + traj.n_tokens))
-        sim.rec.span("teacher", t0, worker=worker, uid=traj.uid, n_seqs=1, tokens=P + traj.n_tokens)
+    """Score trajectories in one teacher call, then hand each to the scheduler (a SimPy sub-process)."""
+    t0, tokens = env.now, sum(sim.workload.prompt_len + t.n_tokens for t in trajs)
+    yield env.timeout(sim.costs.score_s(len(trajs), tokens))
+    sim.rec.span("teacher", t0, worker=worker, n_seqs=len(trajs), tokens=tokens)
     for traj in trajs:
         sim.sched.on_rollout_done(traj)
         sim.record_drops()
@@ -196,13 +203,16 @@ def score(env, sim: _Sim, trajs: list[Trajectory], worker: int):
 
 def teacher_replica(env, sim: _Sim, tid: int):
     device = sim.learner_device                   # teacher_with_learner: shared with the learner, else None
+    queue = sim.teacher_queue
     while True:
-        traj = yield sim.teacher_queue.get()
+        trajs = [(yield queue.get())]
         req = device.request(priority=1) if device is not None else None
         if req is not None:
             yield req
+        while queue.items and len(trajs) < sim.costs.teacher_max_batch:    # batch whatever else is waiting
+            trajs.append((yield queue.get()))
         sim.set_busy("teacher", tid, True)
-        yield from score(env, sim, [traj], worker=tid)
+        yield from score(env, sim, trajs, worker=tid)
         sim.set_busy("teacher", tid, False)
         if req is not None:
             device.release(req)
@@ -225,16 +235,26 @@ def learner(env, sim: _Sim, steps: int):
         sim.set_busy("learner", 0, True)
         yield env.timeout(c.learner_step_s + c.learner_s_per_token * batch.n_tokens)
         sim.set_busy("learner", 0, False)
-        sim.rec.span("learner_step", t0, version=sched.version + 1, n_seqs=len(batch), tokens=batch.n_tokens,
+        v = sched.on_learner_step()
+        sim.rec.span("learner_step", t0, version=v, n_seqs=len(batch), tokens=batch.n_tokens,
                      staleness=float(np.mean(batch.staleness)))
-        t0 = env.now
-        yield env.timeout(c.weight_sync_s)
+        sim.record_drops()
+        sync = env.process(weight_sync(env, sim, v))
+        if c.publish_s > 0:
+            yield env.timeout(c.publish_s)
         if req is not None:
             device.release(req)
-        v = sched.on_learner_step()
-        sim.rec.span("weight_sync", t0, version=v)
-        sim.record_drops()
-        sim.capacity_freed()
+    yield sync                                    # the run ends when the replicas hold the last weights
+
+
+def weight_sync(env, sim: _Sim, v: int):
+    """Weights v reach every rollout replica weight_sync_s after the learner step that made them; only then may
+    requests of version v start."""
+    t0 = env.now
+    yield env.timeout(sim.costs.weight_sync_s)
+    sim.held = max(sim.held, v)
+    sim.rec.span("weight_sync", t0, version=v)
+    sim.capacity_freed()
 
 
 def simulate(cluster: ClusterShape, costs: CostModel, workload: Workload, sched_cfg: SchedulerConfig,

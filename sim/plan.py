@@ -18,9 +18,12 @@ best `max_splits` are simulated with `sim.model.simulate` at every η. With mean
 prompt length P, batch B and n = min(max_batch, ⌈(η+1)·B/r⌉) sequences per rollout replica (the scheduler
 keeps at most (η+1)·B in flight), the samples/s each role can sustain are
 
-    rollout  R_r = r / (ℓ·step_s(n)/n + P·prefill_s_per_token [+ teacher_s_per_token·(P+ℓ), teacher on rollout])
-    teacher  R_t = t / (teacher_s_per_token·(P+ℓ))                                    (separate placement)
-    learner  R_L = B / (learner_step_s + s_tok(L)·B·ℓ + weight_sync_s [+ B·teacher_s_per_token·(P+ℓ), on learner])
+    rollout  R_r = r / (ℓ·step_s(n)/n + P·prefill_s_per_token [+ score_s, teacher on rollout])
+    teacher  R_t = t / score_s                                                        (separate placement)
+    learner  R_L = B / (learner_step_s + s_tok(L)·B·ℓ + publish_s [+ B·score_s, teacher on learner])
+
+where score_s = teacher_s_per_seq + teacher_s_per_token·(P+ℓ) + teacher_call_s/g scores one trajectory in calls
+of g (teacher_max_batch, or score_group with the teacher on the rollout replicas).
 
 and the bound is min(R_r, R_t, R_L) at η* = the largest η in etas the estimator tolerates; ties are broken by
 the serial rate 1/Σ(1/R) (what η = 0 approaches). The best split of every learner size is kept, then the next
@@ -32,8 +35,8 @@ the learner is assumed to speed the per-token work up by 2e, e = learner_scaling
 
     s_tok(L) = s_tok(L₀) · (L₀/L) / e^{log₂(L/L₀)} = s_tok(L₀) · (L₀/L)^{1 + log₂ e}
 
-(e = 1: linear; e = 0.9: 1.8× per doubling; e = 0.5: no gain). learner_step_s (optimizer, gradient sync) and
-weight_sync_s are kept as measured: they are taken not to shrink with L. The teacher on the learner's devices
+(e = 1: linear; e = 0.9: 1.8× per doubling; e = 0.5: no gain). learner_step_s (optimizer, gradient sync),
+publish_s and weight_sync_s are kept as measured: they are taken not to shrink with L. The teacher on the learner's devices
 (teacher_with_learner) keeps its measured speed.
 
 KL advice. studies/kl_direction (docs/kl_direction_report.md: toy backend, fixed staleness k ∈ {0,1,2,4,8},
@@ -158,14 +161,15 @@ def bound(cfg: PlanConfig, r: int, t: int, L: int, eta: int, ell: float) -> tupl
     """(min(R_r, R_t, R_L), serial rate 1/Σ 1/R): the samples/s each role sustains alone (module docstring)."""
     c, w, placement = learner_costs(cfg, L), cfg.workload, cfg.cluster.placement
     B, P = w.batch_size, w.prompt_len
-    score_s = c.teacher_s_per_token * (P + ell)          # one trajectory on one teacher
+    group = cfg.cluster.score_group if placement == "teacher_with_rollout" else c.teacher_max_batch
+    score_s = c.teacher_s_per_seq + c.teacher_s_per_token * (P + ell) + c.teacher_call_s / group   # one trajectory
     n = min(c.max_batch, math.ceil((eta + 1) * B / r))
     per_traj = ell * c.step_s(n) / n + P * c.prefill_s_per_token       # replica-seconds per trajectory
     per_traj += score_s if placement == "teacher_with_rollout" else 0
     rates = [r / per_traj]
     if placement == "separate":
         rates.append(t / score_s if score_s > 0 else math.inf)
-    step = c.learner_step_s + c.learner_s_per_token * B * ell + c.weight_sync_s
+    step = c.learner_step_s + c.learner_s_per_token * B * ell + c.publish_s
     rates.append(B / (step + (B * score_s if placement == "teacher_with_learner" else 0)))
     serial = 1 / sum(1 / x for x in rates)
     return min(rates), serial

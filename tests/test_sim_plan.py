@@ -17,8 +17,9 @@ from sim.plan import PlanConfig, advise, bound, enumerate_splits, learner_costs,
 def small(**kw) -> PlanConfig:
     """8 GPUs, 1 GPU per replica, fixed 8-token responses, B=4: each candidate simulates in milliseconds."""
     costs = kw.pop("costs", CostModel(decode_step_s=0.01, decode_step_s_per_seq=0.001, prefill_s_per_token=0.001,
-                                      max_batch=8, teacher_s_per_token=0.002, learner_s_per_token=0.01,
-                                      learner_step_s=0.05, weight_sync_s=0.02))
+                                      max_batch=8, teacher_s_per_token=0.002, teacher_s_per_seq=0.001,
+                                      teacher_call_s=0.004, teacher_max_batch=2, learner_s_per_token=0.01,
+                                      learner_step_s=0.05, publish_s=0.02, weight_sync_s=0.03))
     return PlanConfig(cluster=kw.pop("cluster", ClusterShape(1, 1)), costs=costs,
                       workload=Workload(batch_size=4, prompt_len=4, length=LengthDist("fixed", 8, max=8)),
                       **{"gpus": 8, "etas": [0, 1, 2, 8], "learner_gpus": [1, 4], "max_splits": 20, "steps": 8,
@@ -111,8 +112,10 @@ def test_the_bottleneck_decides_the_learner_size(learner_bound):
 def test_bound_closed_form_and_upper_bounds_the_simulation():
     cfg = small()
     c = cfg.costs
-    # r=5, t=2, L=1, η=1: n = min(8, ⌈2·4/5⌉) = 2; per trajectory 8·step_s(2)/2 + 4·0.001 = 0.048 s
-    R_r, R_t = 5 / (8 * c.step_s(2) / 2 + 0.004), 2 / (0.002 * 12)
+    # r=5, t=2, L=1, η=1: n = min(8, ⌈2·4/5⌉) = 2; per trajectory 8·step_s(2)/2 + 4·0.001 = 0.048 s of a
+    # replica; a teacher scores one in 0.001 + 0.002·12 + 0.004/2 (calls of 2) = 0.027 s; the learner's step
+    # publishes for 0.02 s (the 0.03 s weight transfer does not hold it)
+    R_r, R_t = 5 / (8 * c.step_s(2) / 2 + 0.004), 2 / 0.027
     R_L = 4 / (0.05 + 0.01 * 4 * 8 + 0.02)
     b, serial = bound(cfg, 5, 2, 1, 1, 8.0)
     assert b == pytest.approx(min(R_r, R_t, R_L)) and serial == pytest.approx(1 / (1 / R_r + 1 / R_t + 1 / R_L))
