@@ -10,9 +10,9 @@
 Throughput is measured on the steady window of both traces: from the end of learner step `warmup` to the end of
 the last step, samples/s = B·(steps in window)/window. Staleness covers every trained trajectory
 (staleness_hist.csv of both). The workload of a held-out configuration is what a user knows before running it:
-the task's answer lengths (list length + 1) for its length_power, scaled by the ratio of measured to reference
-mean length in the calibration run (the student's answers are not exactly the reference ones), and its prompt
-length. Every configuration is a command-line value:
+the task's answer lengths (list length + 1) for its length_power, mapped quantile by quantile onto the lengths
+the student produced in the calibration run (its answers are longer than the reference ones, with a heavier
+tail: see task_workload), and its prompt length. Every configuration is a command-line value:
 
     python -m studies.sim_vs_real                                    # the defaults in conf/sim_vs_real.yaml
     python -m studies.sim_vs_real 'configs=[{name: mine, eta: 3, batch_size: 48}]' steps=80
@@ -117,12 +117,24 @@ def measure(cfg: Config, spec: RunSpec, out: Path) -> dict:
             "dropped": int((df.kind == "drop").sum())}
 
 
-def task_workload(toy: ToyConfig, spec: RunSpec, scale: float) -> Workload:
-    """The workload a user knows before the run: answer lengths (L + 1) of the task, × the calibration ratio."""
-    task = ToyConfig(**{**OmegaConf.to_container(OmegaConf.structured(toy)), "length_power": spec.length_power}).task()
-    L = task.sample_lengths(20_000, torch.Generator().manual_seed(0)).numpy()
-    values = np.maximum(1, np.round((L + 1) * scale)).astype(int).tolist()
-    return Workload(batch_size=spec.batch_size, prompt_len=int(round(L.mean() + 2)),
+def reference_lengths(toy: ToyConfig, length_power: float) -> np.ndarray:
+    """The task's reference answer lengths (list length + 1) for a length_power: known before any run."""
+    task = ToyConfig(**{**OmegaConf.to_container(OmegaConf.structured(toy)), "length_power": length_power}).task()
+    return task.sample_lengths(20_000, torch.Generator().manual_seed(0)).numpy() + 1
+
+
+def task_workload(toy: ToyConfig, spec: RunSpec, measured: np.ndarray, reference: np.ndarray) -> Workload:
+    """The workload of a configuration, from what is known before running it: its task's reference answer lengths,
+    mapped quantile by quantile onto the student's measured ones. The calibration run measured the student's
+    lengths `measured` where the reference was `reference`; the ratio of their quantiles, r(q), says how the
+    student departs from the reference (longer, with a heavier tail up to truncation), and a held-out reference
+    length at quantile q becomes round(r(q)·length), at most the longest measured answer."""
+    ref = np.sort(reference_lengths(toy, spec.length_power))
+    qs = np.linspace(0, 1, 101)
+    ratio = np.quantile(measured, qs) / np.quantile(reference, qs)
+    values = np.clip(np.round(ref * np.interp(np.linspace(0, 1, len(ref)), qs, ratio)), 1, measured.max())
+    values = values.astype(int).tolist()
+    return Workload(batch_size=spec.batch_size, prompt_len=int(round(ref.mean() + 1)),
                     length=LengthDist("empirical", mean=float(np.mean(values)), max=int(max(values)), values=values))
 
 
@@ -149,11 +161,10 @@ def run(cfg: Config, out_dir: Path) -> pd.DataFrame:
     measured_cal = measure(cfg, cal, out_dir / "runs" / cal.name)
     cluster, costs, cal_workload, diag = calibrate(*load_run(out_dir / "runs" / cal.name), CalibrateConfig())
     write_calibration(out_dir / "calibration", cluster, costs, cal_workload, diag, str(out_dir / "runs" / cal.name))
-    reference = task_workload(cfg.toy, cal, 1.0)
-    scale = cal_workload.length.mean / reference.length.mean      # student answers vs reference answers
+    measured_lengths, reference = np.array(cal_workload.length.values), reference_lengths(cfg.toy, cal.length_power)
     rows = []
     for spec in [cal, *cfg.configs]:
-        pred = predict(cfg, spec, cluster, costs, task_workload(cfg.toy, spec, scale))
+        pred = predict(cfg, spec, cluster, costs, task_workload(cfg.toy, spec, measured_lengths, reference))
         meas = measured_cal if spec is cal else measure(cfg, spec, out_dir / "runs" / spec.name)
         rows.append({"config": spec.name, "held_out": spec is not cal, "eta": spec.eta, "batch_size": spec.batch_size,
                      "rollout_workers": spec.rollout_workers, "length_power": spec.length_power,
@@ -197,7 +208,7 @@ def report(df: pd.DataFrame, diag: dict, costs, cfg: Config, path: Path) -> None
              f"error worst {held.staleness_error.abs().max():.2f} versions (target ≤ 0.1).", "",
              df.drop(columns=["held_out"]).to_markdown(index=False, floatfmt=".3f"), "",
              "Calibrated costs: " + ", ".join(f"{k}={v:.3g}" for k, v in costs.__dict__.items()), "",
-             f"Fit quality: R² decode {diag['r2_decode']:.2f}, learner {diag['r2_learner']:.2f}.", "",
+             f"Fit quality: R² decode {diag['r2_decode']:.2f}, teacher {diag['r2_teacher']:.2f}, learner {diag['r2_learner']:.2f}.", "",
              "![comparison](comparison.png)"]
     path.write_text("\n".join(lines) + "\n")
 
