@@ -22,6 +22,8 @@ from backends.toy_models import response_logits
 
 
 class ToyLearner:
+    forward_chunks = 4                   # student forwards per step (length-sorted groups: less padding)
+
     def __init__(self, model, objective: ObjectiveConfig, *, lr: float, pad_id: int, weight_decay: float = 0.0,
                  grad_clip: float = 1.0, vcpo_lr: bool = False, betas=(0.9, 0.999)):
         if lr <= 0 or grad_clip <= 0 or weight_decay < 0:
@@ -34,11 +36,17 @@ class ToyLearner:
         self.reference = copy.deepcopy(model).eval().requires_grad_(False) if objective.ref_kl_coef > 0 else None
 
     def step(self, batch: Batch, scores: list[TeacherScores]) -> dict[str, float]:
-        trajs = batch.trajs
-        if len(scores) != len(trajs):
-            raise ValueError(f"{len(scores)} teacher scores for {len(trajs)} trajectories")
+        if len(scores) != len(batch.trajs):
+            raise ValueError(f"{len(scores)} teacher scores for {len(batch.trajs)} trajectories")
+        out, n_tokens = self.loss(batch.trajs, scores)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        return self.apply_gradients(out.loss, out.metrics, batch.version, n_tokens)
+
+    def loss(self, trajs: list, scores: list[TeacherScores]):
+        """(EstimatorOut, response tokens) of the configured objective on these trajectories."""
         device = next(self.model.parameters()).device
-        logits = response_logits(self.model, trajs, self.pad_id)                     # [N, V]
+        logits = response_logits(self.model, trajs, self.pad_id, self.forward_chunks)  # [N, V]
         ids = torch.cat([t.response_ids for t in trajs]).to(device)                  # [N]
         behav_logp = torch.cat([t.behav_logp for t in trajs]).to(device)            # [N]
         cache = {k: v.to(device) for k, v in flat_inputs(scores).items()}
@@ -48,20 +56,20 @@ class ToyLearner:
             with torch.no_grad():
                 ref_logp = response_logits(self.reference, trajs, self.pad_id).log_softmax(-1)
                 ref_logp = ref_logp.gather(1, ids[:, None]).squeeze(1)
-        out = opd_loss(self.objective, logits, ids, cache, mask, behav_logp=behav_logp, ref_logp=ref_logp)
+        return opd_loss(self.objective, logits, ids, cache, mask, behav_logp=behav_logp, ref_logp=ref_logp), len(ids)
 
-        self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+    def apply_gradients(self, loss: torch.Tensor, metrics: dict, version: int, n_tokens: int) -> dict[str, float]:
+        """Clip, check, and take the optimiser step on the gradients already in the model."""
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        if not (torch.isfinite(out.loss) and torch.isfinite(grad_norm)):
-            raise FloatingPointError(f"non-finite loss ({out.loss.item()}) or gradient norm ({grad_norm.item()}) "
-                                     f"at learner version {batch.version}")
-        lr = self.lr * out.metrics.get("ess_frac", 1.0) if self.vcpo_lr else self.lr
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm   # FSDP2: DTensor
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            raise FloatingPointError(f"non-finite loss ({loss.item()}) or gradient norm ({grad_norm.item()}) "
+                                     f"at learner version {version}")
+        lr = self.lr * metrics.get("ess_frac", 1.0) if self.vcpo_lr else self.lr
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
-        return {"loss": out.loss.item(), "grad_norm": grad_norm.item(), "lr": lr, "n_tokens": len(ids),
-                **out.metrics}
+        return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr, "n_tokens": n_tokens, **metrics}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The student's weights (detached clones), to publish to rollout engines or keep in the ring."""
