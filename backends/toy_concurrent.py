@@ -3,8 +3,9 @@
 The one idea: the same scheduler as the lockstep run, but now time is real. The main process is the learner and
 owns the `Scheduler` (bounded-async mode, `staleness=<η>`); it admits rollouts to capacity and sends each
 rollout worker its share, (uid, prompt, admit_version) least-loaded worker first, as one message per admission
-round (unpickling 64 small messages, one tensor each, cost the worker ~28 ms per step: a fifth of it), trains whenever `next_batch` gives it B scored trajectories,
-and publishes (version, weights) to every worker. Processes (spawn context), joined by bounded queues:
+round (unpickling 64 small messages, one tensor each, cost the worker ~28 ms per step: a fifth of it), trains
+whenever `next_batch` gives it B scored trajectories, and publishes (version, weights) to every worker.
+Processes (spawn context), joined by bounded queues:
 
     learner (main) --requests--> rollout worker i --trajectories--> teacher --scored--> learner
                    --weights---> rollout worker i            (placement=colocate_teacher_with_rollout: the
@@ -108,14 +109,16 @@ def _dumps(obj) -> bytes:
     return buf.getvalue()
 
 
-def _put(q, obj, stop) -> bool:
-    """Put on a bounded queue, giving up when the run stops (so no child blocks forever on a full queue)."""
+def _put(q, obj, stop, on_full=None) -> bool:
+    """Put on a bounded queue, giving up when the run stops (so no child blocks forever on a full queue).
+    `on_full` runs while the queue stays full: the learner checks that the queue's reader is still alive."""
     while not stop.is_set():
         try:
             q.put(obj, timeout=0.1)
             return True
         except queue.Full:
-            pass
+            if on_full is not None:
+                on_full()
     return False
 
 
@@ -337,13 +340,6 @@ def run(cfg, out_dir: Path) -> pd.DataFrame:
                 drain_events(0.5)                         # its error report may still be in the pipe
                 raise RuntimeError(f"{name} (pid {p.pid}) exited with code {p.exitcode} before the run ended")
 
-    def put_checked(q, obj) -> None:                  # a full queue whose reader died must not hang the run
-        while True:
-            try:
-                return q.put(obj, timeout=0.1)
-            except queue.Full:
-                check_children()
-
     def record_drops() -> None:                           # name what the scheduler just dropped
         for t in sched.pop_dropped():
             rec.instant("drop", uid=t.uid, version=t.behav_version, staleness=float(sched.version - t.behav_version))
@@ -369,7 +365,7 @@ def run(cfg, out_dir: Path) -> pd.DataFrame:
                 next_uid += 1
             for q, reqs in zip(req_qs, sends):            # one message per worker: a tensor each costs ~0.4 ms
                 if reqs:                                  # to unpickle one by one, 28 ms for a batch of 64
-                    put_checked(q, _dumps(reqs))
+                    _put(q, _dumps(reqs), stop, on_full=check_children)
             batch = sched.next_batch()
             if batch is None:
                 try:

@@ -104,9 +104,9 @@ def calibrate(df: pd.DataFrame, info: dict, cfg: CalibrateConfig) -> tuple[Clust
     it = df[df.kind == "decode_iter"]
     X = np.column_stack([np.ones(len(it)), it.n_seqs - 1, it.tokens])
     (d0, d_seq, d_pre), r2_decode = fit(it.dur_s.to_numpy(), X)
+    calls = df[(df.kind == "decode_iter") | ((df.kind == "teacher") & colocated)]      # each worker's own calls
     overheads, handovers = [], []
-    for w, ev in df[df.kind.isin(["decode_iter", "teacher", "weight_sync"]) & (df.role != "learner")].groupby("worker"):
-        ev = ev[(ev.role == "rollout") | ((ev.kind == "teacher") & colocated) | (ev.kind == "weight_sync")]
+    for w, ev in pd.concat([calls, df[df.kind == "weight_sync"]]).groupby("worker"):
         ev = ev.sort_values("t")
         kinds, t, end = ev.kind.to_numpy(), ev.t.to_numpy(), (ev.t + ev.dur_s).to_numpy()
         for k in range(len(ev) - 1):
@@ -131,7 +131,7 @@ def calibrate(df: pd.DataFrame, info: dict, cfg: CalibrateConfig) -> tuple[Clust
     publish_s = float(np.median(admits[k[k < len(admits)]] - ends[k < len(admits)])) if len(admits) else 0.0
     ws = df[df.kind == "weight_sync"]
     step_end = dict(zip(steps.version, steps.t + steps.dur_s))
-    weight_sync_s, sync_diag = weight_sync_delay(df, ws, step_end, colocated, publish_s)
+    weight_sync_s, sync_diag = weight_sync_delay(calls, ws, step_end, publish_s)
 
     # workload
     ro = df[df.kind == "rollout"]
@@ -157,18 +157,18 @@ def calibrate(df: pd.DataFrame, info: dict, cfg: CalibrateConfig) -> tuple[Clust
     return cluster, costs, workload, diag
 
 
-def weight_sync_delay(df: pd.DataFrame, ws: pd.DataFrame, step_end: dict, colocated: bool, publish_s: float,
+def weight_sync_delay(calls: pd.DataFrame, ws: pd.DataFrame, step_end: dict, publish_s: float,
                       min_idle: int = 5) -> tuple[float, dict]:
     """Seconds from a learner step's end until a *waiting* worker can use the new weights. A worker busy with a
     decode iteration or a teacher call when the step ends picks the weights up only after it; the model already
     has that wait (a replica admits between its own segments), so counting it here would count it twice. Hence the
     median over loads whose worker was idle when the step ended. With fewer than `min_idle` of those (a worker
     that is always busy), publish_s plus the median time from the end of the worker's busy call to its load's end
-    (the learner hands the weights out, the worker picks them up and loads them)."""
-    busy = df[(df.kind == "decode_iter") | ((df.kind == "teacher") & colocated)]      # the worker's own calls
+    (the learner hands the weights out, the worker picks them up and loads them). `calls`: the workers' own
+    decode iterations and (colocated) teacher calls."""
     idle, after_busy = [], []
     for w, loads in ws.groupby("worker"):
-        b = busy[busy.worker == w].sort_values("t")
+        b = calls[calls.worker == w].sort_values("t")
         b_start, b_end = b.t.to_numpy(), (b.t + b.dur_s).to_numpy()
         for v, t, d in zip(loads.version, loads.t, loads.dur_s):
             if v not in step_end:

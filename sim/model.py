@@ -27,9 +27,9 @@ Semantics (the choices a calibration must match):
   `on_learner_step()` at once (as the concurrent backend does: trajectories delivered from then on count
   against the new version), then spends publish_s handing the weights out. The weights reach the rollout
   replicas weight_sync_s after the step's end (a `weight_sync` span); the learner does not wait for them.
-- Summary: T = time the replicas receive the last weights. A trajectory is "trained" when `next_batch` returns it; latency is
-  admission → that moment, in_flight counts admitted, not yet trained and not dropped (Little's law holds
-  exactly up to the end effect when nothing is dropped). util_learner counts training, not publishing.
+- Summary: T = time the replicas receive the last weights. A trajectory is "trained" when `next_batch` returns
+  it; latency is admission → that moment, in_flight counts admitted, not yet trained and not dropped (Little's
+  law holds exactly up to the end effect when nothing is dropped). util_learner counts training, not publishing.
 
 Run: `events, summary = simulate(ClusterShape(), CostModel(), Workload(), SchedulerConfig(max_staleness=1), 100)`.
 """
@@ -116,10 +116,14 @@ class _Sim:
             self.capacity_freed()
         return ev
 
+    def weights_current(self) -> bool:
+        """Do the replicas hold the scheduler's version? A request of version v starts on weights v, so no
+        admission happens while they are still in transit."""
+        return self.held >= self.sched.version
+
     def headroom(self) -> int:
-        """Admission slots a replica can use now: none while the scheduler's version has not reached the replicas
-        (a request of version v starts on weights v, and they are still in transit)."""
-        return self.sched.headroom() if self.held >= self.sched.version else 0
+        """Admission slots a replica can use now."""
+        return self.sched.headroom() if self.weights_current() else 0
 
     def capacity_freed(self) -> None:
         """Hand the scheduler's free admission slots to waiting replicas, least loaded first; wake no more replicas
@@ -152,7 +156,7 @@ def rollout_replica(env, sim: _Sim, rid: int):
             sim.set_busy("teacher", rid, False)
             finished = []
         new = []
-        while len(running) + len(new) < c.max_batch and sim.held >= sim.sched.version:
+        while len(running) + len(new) < c.max_batch and sim.weights_current():
             w = sim.sched.try_admit()
             if w is None:
                 break

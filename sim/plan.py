@@ -36,8 +36,8 @@ the learner is assumed to speed the per-token work up by 2e, e = learner_scaling
     s_tok(L) = s_tok(L₀) · (L₀/L) / e^{log₂(L/L₀)} = s_tok(L₀) · (L₀/L)^{1 + log₂ e}
 
 (e = 1: linear; e = 0.9: 1.8× per doubling; e = 0.5: no gain). learner_step_s (optimizer, gradient sync),
-publish_s and weight_sync_s are kept as measured: they are taken not to shrink with L. The teacher on the learner's devices
-(teacher_with_learner) keeps its measured speed.
+publish_s and weight_sync_s are kept as measured: they are taken not to shrink with L. The teacher on the
+learner's devices (teacher_with_learner) keeps its measured speed.
 
 KL advice. studies/kl_direction (docs/kl_direction_report.md: toy backend, fixed staleness k ∈ {0,1,2,4,8},
 2 seeds, 150 steps) measured what staleness costs per estimator. `max_eta[e]` is the largest tested k at which

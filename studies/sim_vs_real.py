@@ -208,7 +208,8 @@ def report(df: pd.DataFrame, diag: dict, costs, cfg: Config, path: Path) -> None
              f"error worst {held.staleness_error.abs().max():.2f} versions (target ≤ 0.1).", "",
              df.drop(columns=["held_out"]).to_markdown(index=False, floatfmt=".3f"), "",
              "Calibrated costs: " + ", ".join(f"{k}={v:.3g}" for k, v in costs.__dict__.items()), "",
-             f"Fit quality: R² decode {diag['r2_decode']:.2f}, teacher {diag['r2_teacher']:.2f}, learner {diag['r2_learner']:.2f}.", "",
+             f"Fit quality: R² decode {diag['r2_decode']:.2f}, teacher {diag['r2_teacher']:.2f}, "
+             f"learner {diag['r2_learner']:.2f}.", "",
              "![comparison](comparison.png)"]
     path.write_text("\n".join(lines) + "\n")
 

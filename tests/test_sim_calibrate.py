@@ -110,5 +110,6 @@ def test_weight_sync_of_an_always_busy_worker_is_publish_plus_pickup():
         ev.append(Event(t=v - 0.01, kind="decode_iter", worker=0, n_seqs=1, dur_s=0.014))
         ev.append(Event(t=v + 0.006, kind="weight_sync", worker=0, version=v, dur_s=0.001))
     df = trace.to_frame(ev)
-    delay, diag = weight_sync_delay(df, df[df.kind == "weight_sync"], {1: 1.0, 2: 2.0, 3: 3.0}, False, 0.002)
+    calls, loads = df[df.kind == "decode_iter"], df[df.kind == "weight_sync"]
+    delay, diag = weight_sync_delay(calls, loads, {1: 1.0, 2: 2.0, 3: 3.0}, 0.002)
     assert delay == pytest.approx(0.002 + 0.003) and diag == {"n_weight_loads_idle": 0, "n_weight_loads_busy": 3}
