@@ -20,32 +20,24 @@ How to run
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import logging
-import os
-import shutil
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
+from dataclasses import dataclass, field
 from pathlib import Path
-from unittest.mock import patch
 
 import hydra
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
-import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from asyncopd.objective import ObjectiveConfig
 from backends import toy
 from backends.run import RunConfig
+from studies import cells as cells_lib
 
 plt.switch_backend("Agg")
 
@@ -97,46 +89,16 @@ def cells(cfg: Config) -> list[dict]:
     for e, k, s in itertools.product(cfg.estimators, cfg.staleness, cfg.seeds):
         objective = ObjectiveConfig(**OmegaConf.to_container(OmegaConf.load(PRESET_DIR / f"{e}.yaml")))
         rc = RunConfig(staleness=f"fixed:{k}", steps=cfg.steps, seed=s, toy=cfg.toy, objective=objective)
-        digest = hashlib.sha256(json.dumps(asdict(rc), sort_keys=True, default=str).encode()).hexdigest()[:16]
-        out.append(dict(estimator=e, staleness=k, seed=s, run=rc, digest=digest,
-                        dir=Path(cfg.cells_dir) / f"{e}_k{k}_s{s}"))
+        out.append(cells_lib.cell(rc, Path(cfg.cells_dir) / f"{e}_k{k}_s{s}", estimator=e, staleness=k, seed=s))
     return out
-
-
-def is_done(cell: dict) -> bool:                               # finished with this very config
-    return (f := cell["dir"] / "done.json").exists() and json.loads(f.read_text())["digest"] == cell["digest"]
-
-
-def run_cell(rc: RunConfig, cell_dir: Path, digest: str) -> None:
-    """One cell in a worker process. A half-finished cell restarts from scratch; done.json is written last."""
-    torch.set_num_threads(1)
-    shutil.rmtree(cell_dir, ignore_errors=True)
-    toy.run(rc, cell_dir)                                     # writes metrics.csv at its last step
-    shutil.rmtree(cell_dir / "checkpoint")                    # a finished cell is never resumed
-    (cell_dir / "done.json.tmp").write_text(json.dumps({"digest": digest, "config": asdict(rc)}, default=str))
-    (cell_dir / "done.json.tmp").replace(cell_dir / "done.json")
 
 
 def run(cfg: Config) -> pd.DataFrame:
     """Run the cells not yet done (in parallel), then return every cell's metrics as one tidy table."""
-    sweep = cells(cfg)
-    todo = [c for c in sweep if not is_done(c)]
-    if todo:
-        toy.build_models(cfg.toy)                             # train or load the models once; workers load the cache
-        with (patch.dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1"),   # inherited by the spawned workers
-              tqdm(total=len(sweep), initial=len(sweep) - len(todo), desc="kl_direction cells", unit="cell") as bar,
-              ProcessPoolExecutor(cfg.workers, mp_context=get_context("spawn")) as pool):
-            futures = {pool.submit(run_cell, c["run"], c["dir"], c["digest"]): c for c in todo}
-            for f in as_completed(futures):
-                if f.exception() is not None:                 # a failed cell stops the sweep; finished cells stay done
-                    pool.shutdown(cancel_futures=True)
-                f.result()
-                bar.set_postfix_str(futures[f]["dir"].name)
-                bar.update()
-    df = pd.concat([pd.read_csv(c["dir"] / "metrics.csv").drop(columns="staleness_k")    # == staleness
-                    .rename(columns={"estimator": "objective"})            # e.g. reverse_kl_sampled[stale,none]
-                    .assign(estimator=c["estimator"], staleness=c["staleness"], seed=c["seed"],
-                            eval_prompts=cfg.eval_prompts) for c in sweep], ignore_index=True)
+    df = cells_lib.run_all(cells(cfg), cfg.toy, workers=cfg.workers, desc="kl_direction cells")
+    df = (df.drop(columns="staleness_k")                                  # == staleness
+          .rename(columns={"run_estimator": "objective"})                  # e.g. reverse_kl_sampled[stale,none]
+          .assign(eval_prompts=cfg.eval_prompts))
     first = ["estimator", "staleness", "seed", "step"]
     return df[first + [c for c in df.columns if c not in first]]
 

@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from studies import kl_direction
+from studies import cells as cells_lib, kl_direction
 from studies.kl_direction import Config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ def fake_cells(cfg: Config) -> None:
 def test_finished_cells_are_reused_and_a_changed_config_reruns_them(tmp_path, monkeypatch):
     def no_training(toy_cfg):
         raise RuntimeError("a cell was about to run")
-    monkeypatch.setattr(kl_direction.toy, "build_models", no_training)
+    monkeypatch.setattr(cells_lib.toy, "build_models", no_training)
     cfg = Config(estimators=["forward_kl_topk", "reverse_kl_stale"], staleness=[0, 2], seeds=[0, 1], steps=5,
                  cells_dir=str(tmp_path))
     fake_cells(cfg)

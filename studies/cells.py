@@ -1,0 +1,76 @@
+"""Study cells: one toy training run each, run in parallel worker processes and reused once finished.
+
+A cell is a dict with at least `run` (a `backends.run.RunConfig`), `dir` (its own folder) and any labels the
+study wants as columns (estimator, staleness, seed, ...). `cell(run, dir, **labels)` adds `digest`, a hash of
+the whole RunConfig: a cell counts as done only if its `done.json` was written by this very config, so a study
+rerun with `hydra.run.dir=<its folder>` reuses finished cells and reruns changed or half-finished ones.
+
+    sweep = [cells.cell(RunConfig(...), out / "cells" / name, estimator=e, seed=s) for ...]
+    df = cells.run_all(sweep, toy_cfg, workers=2, desc="my study")   # every cell's metrics.csv + label columns
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict
+from multiprocessing import get_context
+from pathlib import Path
+from unittest.mock import patch
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from backends import toy
+from backends.run import RunConfig
+
+
+def cell(run: RunConfig, cell_dir: Path, **labels) -> dict:
+    """A cell: its RunConfig, folder, the config's digest, and the study's labels (become result columns)."""
+    digest = hashlib.sha256(json.dumps(asdict(run), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return dict(labels, run=run, dir=Path(cell_dir), digest=digest, labels=tuple(labels))
+
+
+def is_done(c: dict) -> bool:
+    """Finished with this very config (done.json is written last, with the config's digest)."""
+    return (f := c["dir"] / "done.json").exists() and json.loads(f.read_text())["digest"] == c["digest"]
+
+
+def run_cell(rc: RunConfig, cell_dir: Path, digest: str) -> None:
+    """One cell in a worker process. A half-finished cell restarts from scratch; done.json is written last."""
+    torch.set_num_threads(1)
+    shutil.rmtree(cell_dir, ignore_errors=True)
+    toy.run(rc, cell_dir)                                     # writes metrics.csv at its last step
+    shutil.rmtree(cell_dir / "checkpoint")                    # a finished cell is never resumed
+    (cell_dir / "done.json.tmp").write_text(json.dumps({"digest": digest, "config": asdict(rc)}, default=str))
+    (cell_dir / "done.json.tmp").replace(cell_dir / "done.json")
+
+
+def run_all(sweep: list[dict], toy_cfg: toy.ToyConfig, *, workers: int, desc: str) -> pd.DataFrame:
+    """Run the cells not yet done (`workers` single-threaded processes), then return every cell's metrics.csv
+    as one table with the cells' labels as extra columns (a metrics column of the same name becomes run_<name>). A failed cell stops the sweep; finished cells stay done."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    todo = [c for c in sweep if not is_done(c)]
+    if todo:
+        toy.build_models(toy_cfg)                             # train or load the models once; workers load the cache
+        with (patch.dict(os.environ, TQDM_DISABLE="1", OMP_NUM_THREADS="1"),   # inherited by the spawned workers
+              tqdm(total=len(sweep), initial=len(sweep) - len(todo), desc=desc, unit="cell") as bar,
+              ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool):
+            futures = {pool.submit(run_cell, c["run"], c["dir"], c["digest"]): c for c in todo}
+            for f in as_completed(futures):
+                if f.exception() is not None:
+                    pool.shutdown(cancel_futures=True)
+                f.result()
+                bar.set_postfix_str(futures[f]["dir"].name)
+                bar.update()
+    frames = []
+    for c in sweep:
+        df = pd.read_csv(c["dir"] / "metrics.csv")
+        df = df.rename(columns={k: f"run_{k}" for k in c["labels"] if k in df.columns})   # the label wins
+        frames.append(df.assign(**{k: c[k] for k in c["labels"]}))
+    return pd.concat(frames, ignore_index=True)
