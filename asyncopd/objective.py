@@ -12,7 +12,10 @@ the core means both backends train on exactly the same loss for the same config 
     reverse_kl_mc        teacher logp of M sampler draws             KL(π_θ‖π_T), M-sample MC
 
 StableOPD's divergence constraint adds ref_kl_coef · KL(π_θ‖π_ref) on the sampled tokens (k3 estimator), with
-π_ref the initial student.
+π_ref the initial student. VCPO's minimum-variance baseline (baseline="vcpo", reverse_kl_sampled only) weights
+each token by ‖e_y − p‖², the squared score norm at the logits (`logit_grad_sq`), in place of the paper's
+per-sample parameter-gradient norm; VCPO's other half, the ESS-scaled learning rate, is the learner's
+(ToyConfig.vcpo_lr), since it changes the step, not the loss.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 from asyncopd.cache import TeacherScores
 from asyncopd.estimators import (CORRECTIONS, DEFAULT_CHUNK_SIZE, ESTIMATORS, SIGNALS, TAILS, EstimatorOut,
                                  reference_kl_penalty, token_logp)
+from asyncopd.estimators.policy_gradient import BASELINES, logit_grad_sq
 
 TRAINABLE = ("forward_kl_topk", "reverse_kl_topk", "reverse_kl_sampled", "reverse_kl_mc")  # need no full logits
 
@@ -42,9 +46,11 @@ class ObjectiveConfig:
     self_normalize: bool = True          # reverse_kl_mc with a stale sampler: self-normalised IS
     ref_kl_coef: float = 0.0             # StableOPD divergence-to-reference weight, >= 0 (0 = off)
     chunk_size: int = DEFAULT_CHUNK_SIZE # rows per vocabulary chunk, >= 1
+    baseline: str = "none"               # reverse_kl_sampled: none | vcpo (VCPO's off-policy optimal baseline)
 
     def __post_init__(self):
-        choices = {"estimator": TRAINABLE, "tail": TAILS, "signal": SIGNALS, "correction": CORRECTIONS}
+        choices = {"estimator": TRAINABLE, "tail": TAILS, "signal": SIGNALS, "correction": CORRECTIONS,
+                   "baseline": BASELINES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"ObjectiveConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -54,14 +60,19 @@ class ObjectiveConfig:
                                ("chunk_size", self.chunk_size >= 1, ">= 1")):
             if not ok:
                 raise ValueError(f"ObjectiveConfig.{name} must be {rule}, got {getattr(self, name)!r}")
+        if self.baseline != "none" and self.estimator != "reverse_kl_sampled":
+            raise ValueError(f"ObjectiveConfig.baseline={self.baseline!r} applies to estimator=reverse_kl_sampled "
+                             f"only, got estimator={self.estimator!r}")
         if self.estimator == "reverse_kl_mc" and self.self_normalize and self.n_samples < 2:
             raise ValueError("ObjectiveConfig.n_samples must be >= 2 with self_normalize=True (reverse_kl_mc)")
 
     @property
     def name(self) -> str:
-        """A readable label, e.g. 'reverse_kl_sampled[stale,tis]' or 'forward_kl_topk[k=8,bucket]'."""
+        """A readable label, e.g. 'reverse_kl_sampled[stale,tis]', 'reverse_kl_sampled[stale,tis,vcpo]' (with
+        the VCPO baseline) or 'forward_kl_topk[k=8,bucket]'."""
         if self.estimator == "reverse_kl_sampled":
-            return f"reverse_kl_sampled[{self.signal},{self.correction}]"
+            extra = "" if self.baseline == "none" else f",{self.baseline}"
+            return f"reverse_kl_sampled[{self.signal},{self.correction}{extra}]"
         if self.estimator == "reverse_kl_mc":
             return f"reverse_kl_mc[M={self.n_samples}]"
         return f"{self.estimator}[k={self.topk},{self.tail}]"
@@ -103,9 +114,10 @@ def opd_loss(cfg: ObjectiveConfig, student_logits: torch.Tensor, response_ids: t
         out = fn(student_logits, cache["sample_ids"], cache["sample_logp"], mask, sample_logp=stale,
                  self_normalize=cfg.self_normalize, chunk_size=c)
     else:  # reverse_kl_sampled
+        grad_sq = logit_grad_sq(student_logits, response_ids, mask, chunk_size=c) if cfg.baseline == "vcpo" else None
         out = fn(theta, cache["teacher_logp"], mask, behav_logp=behav_logp,
                  signal=cfg.signal, correction=cfg.correction, is_cap=cfg.is_cap, clip_eps=cfg.clip_eps,
-                 m2po_tau=cfg.m2po_tau)
+                 m2po_tau=cfg.m2po_tau, baseline=cfg.baseline, grad_sq=grad_sq)
     if cfg.ref_kl_coef == 0:
         return out
     if ref_logp is None:

@@ -102,7 +102,12 @@ def resume(root: Path, *, digest: str, model: torch.nn.Module, optimizer: torch.
     if path is None:
         return None
     ring, state = load(path, model=model, optimizer=optimizer)
+    check_digest(path, state, digest)
+    return path, ring, state
+
+
+def check_digest(path: Path, state: dict, digest: str) -> None:
+    """Refuse to resume from a checkpoint whose state.json names another config."""
     if state["config_digest"] != digest:
         raise ValueError(f"resume: {path} was written by a different config (digest {state['config_digest']} "
                          f"!= {digest}); only steps may change on resume")
-    return path, ring, state

@@ -259,8 +259,7 @@ def run(cfg, out_dir: Path) -> pd.DataFrame:
     evaluate = Evaluator(task, student_model, teacher_model, n_prompts=toy.eval_prompts, seed=cfg.seed, device="cpu")
 
     ckpt_root, digest = out_dir / "checkpoint", config_digest(cfg)
-    resumed = cfg.resume and checkpoint.resume(ckpt_root, digest=digest, model=learner.model,
-                                               optimizer=learner.optimizer)
+    resumed = cfg.resume and learner.resume_checkpoint(ckpt_root, digest=digest)
     if resumed:
         resume_from, _, state = resumed
         start, next_uid = state["version"], state["next_uid"]
@@ -281,8 +280,7 @@ def run(cfg, out_dir: Path) -> pd.DataFrame:
         trace.write(sorted(rec.events, key=lambda e: e.t), out_dir / "trace.csv")
         trace.staleness_hist(hist).to_csv(out_dir / "staleness_hist.csv", index=False)
         if ckpt:
-            checkpoint.save(ckpt_root, version=version, model=learner.model, optimizer=learner.optimizer,
-                            ring={version: learner.state_dict()},
+            learner.save_checkpoint(ckpt_root, version=version, ring={version: learner.state_dict()},
                             state={"config_digest": digest, "t_ckpt": rec.now(), "next_uid": next_uid})
 
     # --- processes and queues ---------------------------------------------------------------------------

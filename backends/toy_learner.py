@@ -18,6 +18,7 @@ import torch
 from asyncopd.cache import TeacherScores
 from asyncopd.objective import ObjectiveConfig, flat_inputs, opd_loss
 from asyncopd.rollout import Batch
+from backends import checkpoint
 from backends.toy_models import response_logits
 
 
@@ -74,3 +75,12 @@ class ToyLearner:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The student's weights (detached clones), to publish to rollout engines or keep in the ring."""
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def save_checkpoint(self, root, *, version: int, ring: dict, state: dict, extra: dict | None = None):
+        """Weights, optimiser state, `ring` and `state` as checkpoint `version` under `root` (backends/checkpoint.py)."""
+        return checkpoint.save(root, version=version, model=self.model, optimizer=self.optimizer, ring=ring,
+                               state=state, extra=extra)
+
+    def resume_checkpoint(self, root, *, digest: str):
+        """Restore the latest checkpoint under `root` written by config `digest`: (path, ring, state) or None."""
+        return checkpoint.resume(root, digest=digest, model=self.model, optimizer=self.optimizer)

@@ -37,7 +37,6 @@ from asyncopd import trace
 from asyncopd.objective import cache_layout
 from asyncopd.rollout import Trajectory
 from asyncopd.scheduler import Scheduler, SchedulerConfig
-from backends import checkpoint
 from backends.toy import batch_monitors, config_digest, lockstep_parts
 from backends.toy_teacher import scored_tokens
 
@@ -89,8 +88,7 @@ def run(cfg, out_dir: Path, schedule: str) -> pd.DataFrame:
     topk, n_samples = cache_layout(objective)
 
     ckpt_root, digest = out_dir / "checkpoint", config_digest(cfg)
-    resumed = cfg.resume and checkpoint.resume(ckpt_root, digest=digest, model=learner.model,
-                                               optimizer=learner.optimizer)
+    resumed = cfg.resume and learner.resume_checkpoint(ckpt_root, digest=digest)
     if resumed:
         path, ring, state = resumed
         pending = {t.uid: t for t in torch.load(path / "pending.pt", weights_only=False)}
@@ -142,8 +140,7 @@ def run(cfg, out_dir: Path, schedule: str) -> pd.DataFrame:
         trace.staleness_hist(hist).to_csv(out_dir / "staleness_hist.csv", index=False)
         buf = io.BytesIO()
         torch.save(list(pending.values()), buf)          # generated, not yet trained (in flight or ready)
-        checkpoint.save(ckpt_root, version=sched.version, model=learner.model, optimizer=learner.optimizer,
-                        ring=ring, state={"config_digest": digest, "n_events": len(recorder.events), "op_index": i,
+        learner.save_checkpoint(ckpt_root, version=sched.version, ring=ring, state={"config_digest": digest, "n_events": len(recorder.events), "op_index": i,
                                           "queued": queued, "staleness_hist": hist}, extra={"pending.pt": buf.getvalue()})
 
     bar = tqdm(total=cfg.steps, initial=sched.version, desc=f"{objective.name} {Path(schedule).name}")

@@ -6,8 +6,9 @@ time). The per-token advantage A_t = log π_T(y_t) − log π(y_t) turns reverse
 with reward A (Gu et al. 2024 MiniLLM; Agarwal et al. 2024 GKD; Thinking Machines 2025 "On-policy
 distillation"). Every correction is written as a detached per-token coefficient c_t = w_t · A_t on
 log π_θ(y_t), so that all of them share one loss form, −mean(c · log π_θ), and reduce to the same loss and
-gradient when π_β = π_θ. Ratios are formed in log space and clamped before exp (LOG_RATIO_GUARD), so a
-stale log-prob 1000 nats away gives finite numbers.
+gradient when π_β = π_θ; VCPO's minimum-variance baseline b enters as c_t = w_t · (A_t − b). Ratios are
+formed in log space and clamped before exp (LOG_RATIO_GUARD), so a stale log-prob 1000 nats away gives
+finite numbers.
 
     out = reverse_kl_sampled(student_logp, teacher_logp, mask, behav_logp=behav_logp, correction="tis")
 """
@@ -18,10 +19,11 @@ import math
 
 import torch
 
-from asyncopd.estimators.kl import LOG_RATIO_GUARD, EstimatorOut, _masked_mean
+from asyncopd.estimators.kl import DEFAULT_CHUNK_SIZE, LOG_RATIO_GUARD, EstimatorOut, _check_common, _masked_mean
 
 SIGNALS = ("recompute", "stale")
 CORRECTIONS = ("none", "is", "tis", "clip", "decoupled", "m2po")
+BASELINES = ("none", "vcpo")
 
 
 # --- VCPO -----------------------------------------------------------------------------------------------
@@ -56,18 +58,41 @@ def vcpo_lr_scale(rho: torch.Tensor, mask: torch.Tensor | None = None) -> torch.
     return vcpo_ess(rho, mask) / max(n, 1)
 
 
-def vcpo_baseline(rho: torch.Tensor, reward: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """VCPO's closed-form off-policy baseline b* = Σ ρ R / Σ ρ over the masked entries (0-dim; 0 if Σρ = 0).
+def vcpo_baseline(weight: torch.Tensor, reward: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted mean reward b = Σ c R / Σ c over the masked entries, c = weight ≥ 0 (0-dim; 0 if Σc = 0).
 
-    The IS-weighted (self-normalised) mean reward: the constant b minimising the weighted squared error
-    Σ ρ (R − b)², which VCPO uses as the variance-reducing baseline of the weighted policy gradient
-    ρ (R − b) ∇log π in place of a value model (arXiv 2602.17616). Reduces to mean(R) when ρ ≡ 1. For OPD, R
-    is a per-sequence (or per-token) reward such as −Σ_t (log π_θ − log π_T)."""
-    r = _flat(rho, mask)
+    The constant b minimising Σ c (R − b)². VCPO's closed-form off-policy optimal baseline (OPOB, arXiv
+    2602.17616) is this mean with c_i = w_i² ‖∇_θ log π_θ(y_i)‖²: setting d/db of the estimator's second
+    moment E[w² (R − b)² ‖∇log π_θ‖²] to 0 gives b* = E[w² ‖∇log π‖² R] / E[w² ‖∇log π‖²], the baseline of
+    least variance for the weighted gradient w (R − b) ∇log π_θ, with no value model (`reverse_kl_sampled`
+    with baseline="vcpo" passes these weights). With c = ρ it is the self-normalised IS mean reward instead.
+    Reduces to mean(R) when c is constant. Invariant to the scale of c."""
+    r = _flat(weight, mask)
     R = reward.detach().float().reshape(-1)
     R = R if mask is None else R[mask.reshape(-1)]
     s = r.sum()
     return torch.where(s != 0, (r * R).sum() / torch.where(s != 0, s, 1.0), 0.0)
+
+
+def logit_grad_sq(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, *,
+                  chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+    """‖∇_z log softmax(z)_y‖² = ‖e_y − p‖² = 1 − 2 p_y + Σ_v p_v² per token: [N] fp32 in [0, 2], no gradient.
+
+    The squared norm of the score function with respect to the token's logits z: the part of
+    ‖∇_θ log π_θ(y_t)‖² that the unembedding W (z = W h) sees, times ‖h‖² (near-constant after the final
+    layer norm). A one-pass proxy for VCPO's per-sample gradient norm, which would need a backward pass per
+    token. 0 when π puts all its mass on y, largest for confident wrong guesses. Chunked over rows like the
+    estimators (one [chunk, V] softmax at a time); masked rows give 0."""
+    N = _check_common(logits, mask, chunk_size)
+    if ids.shape != (N,):
+        raise ValueError(f"ids must be [N]={N}, got {tuple(ids.shape)}")
+    out = logits.new_zeros(N, dtype=torch.float32)
+    with torch.no_grad():
+        for lo in range(0, N, chunk_size):
+            p = logits[lo:lo + chunk_size].detach().float().softmax(-1)                 # [chunk, V]
+            p_y = p.gather(1, ids[lo:lo + chunk_size, None]).squeeze(1)
+            out[lo:lo + chunk_size] = 1 - 2 * p_y + (p * p).sum(-1)
+    return torch.where(mask, out.clamp_min(0), 0.0)
 
 
 # --- corrections ----------------------------------------------------------------------------------------
@@ -97,7 +122,7 @@ def _clipped(log_ratio: torch.Tensor, adv: torch.Tensor, eps: float) -> torch.Te
 
 def reverse_kl_sampled(student_logp, teacher_logp, mask, *, behav_logp=None, prox_logp=None,
                        signal="recompute", correction="none", is_cap=2.0, clip_eps=0.2,
-                       m2po_tau=0.04) -> EstimatorOut:
+                       m2po_tau=0.04, baseline="none", grad_sq=None) -> EstimatorOut:
     """1-sample MC reverse KL(π_θ‖π_T) as a policy-gradient surrogate. All inputs [N] per generated token.
 
     A_t = log π_T(y_t) − log π(y_t),  loss = −mean_t sg(w_t A_t) · log π_θ(y_t)  (masked token mean),
@@ -132,6 +157,16 @@ def reverse_kl_sampled(student_logp, teacher_logp, mask, *, behav_logp=None, pro
                                                  the rest (no clipping). Dropped tokens stay in the
                                                  denominator of the mean, like clipped ones in PPO
 
+    baseline="vcpo" subtracts VCPO's off-policy optimal baseline (OPOB, arXiv 2602.17616) from A:
+    c_t = w_t (A_t − b*),  b* = Σ_t w_t² s_t A_t / Σ_t w_t² s_t  over the batch's masked tokens,
+    with s_t = grad_sq (‖∇log π_θ(y_t)‖² or a proxy such as `logit_grad_sq`; 1 when None) and w the effective
+    weight above. On-policy, or with w = ρ, E[w ∇log π_θ] = 0, so b adds no bias and is the constant that
+    minimises the gradient's second moment; with truncated/clipped w, or w = 1 on stale samples, it shifts
+    the estimate of E_β[w A ∇log π_θ] by −b·E_β[w ∇log π_θ] ≠ 0. b* is estimated from the batch itself,
+    each token's own term included (as VCPO's group baseline is): an O(1/N) bias, larger when few tokens carry
+    the weight w² s. One scalar per batch (the paper's per-prompt groups do not exist in OPD, where each
+    prompt has one response). A constant A_t ≡ a gives b* = a and no gradient at all.
+
     Every correction but `none` needs behav_logp (ValueError otherwise), and so does signal="stale";
     prox_logp is read by `decoupled` only (ignored otherwise, so a run loop can always pass it). When
     behav_logp equals student_logp all corrections give w ≡ 1, i.e. the `none` loss and gradient exactly.
@@ -139,17 +174,21 @@ def reverse_kl_sampled(student_logp, teacher_logp, mask, *, behav_logp=None, pro
 
     metrics: kl; with behav_logp also rho_mean (mean of the weight w/o masking by clip/m2po), clip_frac
     (fraction of tokens whose weight was truncated, clipped or dropped), guard_frac (|Δ| > G), ess and
-    ess_frac (VCPO ESS and ESS/N of the effective weights w), log_ratio_abs_mean (mean |Δ|)."""
+    ess_frac (VCPO ESS and ESS/N of the effective weights w), rho_ess_frac (ESS/N of the ρ of rho_mean: the
+    staleness diagnostic, comparable across corrections), log_ratio_abs_mean (mean |Δ|); with
+    baseline="vcpo" also baseline (b*)."""
     if signal not in SIGNALS:
         raise ValueError(f"signal must be one of {SIGNALS}, got {signal!r}")
     if correction not in CORRECTIONS:
         raise ValueError(f"correction must be one of {CORRECTIONS}, got {correction!r}")
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
     if behav_logp is None and (correction != "none" or signal == "stale"):
         raise ValueError(f"reverse_kl_sampled(correction={correction!r}, signal={signal!r}) needs behav_logp, "
                          "the rollout-time log π_β(y_t)")
     N = student_logp.shape[0]
     for name, t in (("student_logp", student_logp), ("teacher_logp", teacher_logp),
-                    ("behav_logp", behav_logp), ("prox_logp", prox_logp)):
+                    ("behav_logp", behav_logp), ("prox_logp", prox_logp), ("grad_sq", grad_sq)):
         if t is not None and t.shape != (N,):
             raise ValueError(f"{name} must be [N]={N}, got {tuple(t.shape)}")
     if mask.dtype != torch.bool or mask.shape != (N,):
@@ -192,8 +231,14 @@ def reverse_kl_sampled(student_logp, teacher_logp, mask, *, behav_logp=None, pro
                        clip_frac=_masked_mean(altered.float(), mask).item(),
                        guard_frac=_masked_mean((delta.abs() > G).float(), mask).item(),
                        log_ratio_abs_mean=_masked_mean(delta.abs(), mask).item(),
-                       ess=vcpo_ess(w, mask).item(), ess_frac=vcpo_lr_scale(w, mask).item())
+                       ess=vcpo_ess(w, mask).item(), ess_frac=vcpo_lr_scale(w, mask).item(),
+                       rho_ess_frac=vcpo_lr_scale(rho, mask).item())
 
+    if baseline == "vcpo":
+        s = torch.ones_like(w) if grad_sq is None else grad_sq.detach().float()
+        b = vcpo_baseline(w * w * s, adv, mask)                   # OPOB b*; w ≤ e^G, so w² stays finite
+        adv = adv - b
+        metrics["baseline"] = b.item()
     coef = torch.where(mask, w * adv, 0.0)                        # detached; sanitised so grads stay finite
     loss = -_masked_mean(coef * theta, mask)
     return EstimatorOut(loss, metrics)

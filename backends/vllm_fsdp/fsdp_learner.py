@@ -1,58 +1,146 @@
-"""FSDP2 learner: the toy learner's objective, data parallel over ranks with parameters sharded by FSDP2.
+"""FSDP2 learner: the toy learner's objective, data parallel over ranks, bf16 compute on fp32 master weights,
+and an lm head evaluated in chunks of tokens.
 
-The one idea: rank r of W trains on trajectories r, r+W, r+2W, … of the batch and FSDP2
-(`torch.distributed.fsdp.fully_shard`, each transformer block, then the root) shards the parameters and averages
-the gradients over ranks. The objective is a mean over the batch's N response tokens; rank r holds n_r of
-them, so it back-propagates W·(n_r/N)·loss_r: the ranks' average gradient is then exactly the gradient of the
-global token mean, Σ_r (n_r/N)·∇loss_r. The reported loss is Σ_r (n_r/N)·loss_r (an all-reduce).
+The one idea: rank r of W trains on trajectories r, r+W, r+2W, … of the batch, and FSDP2
+(`torch.distributed.fsdp.fully_shard`, each decoder block, then the root) shards the parameters and averages
+the gradients over ranks. The objective is a mean over the batch's N response tokens; each rank's loss has the
+value of the whole batch and the gradient of its own tokens' share (`chunked_head.chunked_opd_loss`), so it
+back-propagates W·loss and the ranks' average gradient is exactly the gradient of the global token mean.
 
-Parity (tests/test_fsdp_learner.py): two gloo ranks on CPU match one process to float32 round-off in loss and
-gradients for token-mean estimators. Estimators with batch-level statistics (ESS, M2PO's second moment, VCPO's
-learning rate) see only their rank's tokens: not yet handled.
+    mixed_precision="bf16"  FSDP2 `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`: the sharded
+                            parameters (what AdamW updates, with its moments) stay fp32; each forward/backward
+                            all-gathers a bf16 copy and computes in bf16; gradients are reduce-scattered in
+                            fp32 onto the fp32 shards. Estimators upcast each [chunk, V] logit block to fp32.
+    mixed_precision="fp32"  everything fp32 (the parity reference).
+
+Logits: the root module is a `ChunkedHeadModel` whose forward stops at the final hidden states and applies
+the lm head `head_chunk_tokens` rows at a time under activation checkpointing: no [N, V] float32 logits exist,
+in forward or backward (see chunked_head.py).
+
+Batch statistics under data parallelism are global, not per rank: the sampled reverse KL runs on the
+all-gathered per-token log-probs of the whole batch, so ESS, VCPO's learning-rate scale ESS/N (`vcpo_lr`)
+and M2PO's second-moment mask are those of one process training the whole batch; the vocabulary estimators'
+metrics (their ess_frac too) are all-reduced token means. Every rank reports the same metrics.
+
+Outside a process group the learner trains the whole batch in this process on the unsharded model (fp32
+only): the chunked-head path without FSDP, which the parity tests compare with the toy learner. Checkpoints:
+fsdp_checkpoint.py. Tests: tests/test_fsdp_learner.py.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from asyncopd.cache import TeacherScores
+from asyncopd.objective import ObjectiveConfig, flat_inputs
 from asyncopd.rollout import Batch
+from backends import checkpoint
 from backends.toy_learner import ToyLearner
+from backends.toy_models import pack
+from backends.vllm_fsdp.chunked_head import DEFAULT_CHUNK_TOKENS, ChunkedHeadModel, chunked_opd_loss, head_token_logp
+
+MIXED_PRECISION = ("fp32", "bf16")
 
 
-def shard_gpt2(model, mesh=None):
-    """fully_shard every transformer block, then the root (the pattern FSDP2 recommends)."""
-    for block in model.transformer.h:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+def decoder_blocks(lm: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of a Hugging Face causal LM: GPT-2's `h`, Llama/Qwen/Mistral's `layers`."""
+    for name in ("h", "layers"):
+        blocks = getattr(lm.base_model, name, None)
+        if isinstance(blocks, nn.ModuleList):
+            return blocks
+    raise ValueError(f"{type(lm).__name__}: no decoder blocks found (base_model.h or base_model.layers)")
+
+
+def shard(model: ChunkedHeadModel, *, mesh=None, mixed_precision: str = "fp32") -> ChunkedHeadModel:
+    """fully_shard every decoder block, then the root (the pattern FSDP2 recommends), with one precision policy."""
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if mixed_precision == "bf16" else MixedPrecisionPolicy())
+    for block in decoder_blocks(model.lm):
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
 
 class FSDPLearner(ToyLearner):
-    """ToyLearner on an FSDP2-sharded model; call inside an initialised process group. The model must be
-    sharded (shard_gpt2) before the learner builds its optimiser."""
+    """ToyLearner's objective and optimiser on an FSDP2-sharded `ChunkedHeadModel(model)`. Give it the plain
+    Hugging Face model: the learner wraps and shards it (and the StableOPD reference) itself when a process
+    group is initialised, with `mesh` (default: all ranks). Other keywords are ToyLearner's."""
 
-    forward_chunks = 1                   # every rank must run the same number of forwards: each is a collective
+    forward_chunks = 1                   # one forward per step: on every rank the same collectives
+
+    def __init__(self, model, objective: ObjectiveConfig, *, lr: float, pad_id: int, mixed_precision: str = "fp32",
+                 head_chunk_tokens: int = DEFAULT_CHUNK_TOKENS, mesh=None, **toy_kwargs):
+        if mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"FSDPLearner.mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
+        if head_chunk_tokens < 1:
+            raise ValueError(f"FSDPLearner.head_chunk_tokens must be >= 1, got {head_chunk_tokens}")
+        self.sharded = dist.is_available() and dist.is_initialized()
+        if mixed_precision == "bf16" and not self.sharded:
+            raise ValueError("FSDPLearner.mixed_precision='bf16' needs an initialised process group: the bf16 "
+                             "compute copy is FSDP2's MixedPrecisionPolicy")
+        super().__init__(ChunkedHeadModel(model), objective, lr=lr, pad_id=pad_id, **toy_kwargs)
+        self.mixed_precision, self.head_chunk_tokens = mixed_precision, head_chunk_tokens
+        if self.sharded:
+            for m in (self.model, self.reference):
+                if m is not None:
+                    shard(m, mesh=mesh, mixed_precision=mixed_precision)
+            d = self.optimizer.defaults                      # FSDP2 replaced every parameter by its shard
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=d["lr"], betas=d["betas"],
+                                               weight_decay=d["weight_decay"])
 
     def step(self, batch: Batch, scores: list[TeacherScores]) -> dict[str, float]:
         if len(scores) != len(batch.trajs):
             raise ValueError(f"{len(scores)} teacher scores for {len(batch.trajs)} trajectories")
-        rank, world = dist.get_rank(), dist.get_world_size()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if self.sharded else (0, 1)
         if len(batch) < world:
             raise ValueError(f"a batch of {len(batch)} trajectories cannot feed {world} ranks")
-        mine = list(range(rank, len(batch.trajs), world))
-        n_total = sum(t.n_tokens for t in batch.trajs)
-        out, n_local = self.loss([batch.trajs[i] for i in mine], [scores[i] for i in mine])
-        share = n_local / n_total
+        mine = range(rank, len(batch.trajs), world)
+        out, _ = self.loss([batch.trajs[i] for i in mine], [scores[i] for i in mine])
         self.optimizer.zero_grad(set_to_none=True)
-        (out.loss * share * world).backward()
-        loss = (out.loss * share).detach().clone()
-        dist.all_reduce(loss)
-        return self.apply_gradients(loss, out.metrics, batch.version, n_total)
+        (out.loss * world).backward()                        # FSDP2 averages the ranks' gradients
+        n_total = sum(t.n_tokens for t in batch.trajs)
+        return self.apply_gradients(out.loss.detach(), out.metrics, batch.version, n_total)
+
+    def loss(self, trajs: list, scores: list[TeacherScores]):
+        """(EstimatorOut of the whole batch, this rank's response tokens) for this rank's trajectories."""
+        device = next(self.model.parameters()).device
+        ids, attn, where = (t.to(device) for t in pack(trajs, self.pad_id))
+        response_ids = torch.cat([t.response_ids for t in trajs]).to(device)        # [n]
+        behav_logp = torch.cat([t.behav_logp for t in trajs]).to(device)            # [n]
+        cache = {k: v.to(device) for k, v in flat_inputs(scores).items()}
+        mask = torch.ones(len(response_ids), dtype=torch.bool, device=device)
+        c = self.head_chunk_tokens
+        ref_logp = None
+        if self.reference is not None:
+            with torch.no_grad():
+                ref_logp = self.reference(ids, attn, where, partial(head_token_logp, ids=response_ids, chunk_tokens=c))
+            if self.sharded:
+                self.reference.reshard()                     # FSDP2 keeps a root unsharded after forward
+        group = dist.group.WORLD if self.sharded else None
+        head_fn = partial(chunked_opd_loss, self.objective, ids=response_ids, cache=cache, mask=mask,
+                          behav_logp=behav_logp, ref_logp=ref_logp, chunk_tokens=c, group=group)
+        return self.model(ids, attn, where, head_fn), len(response_ids)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Full (unsharded) weights on every rank, to publish or checkpoint."""
+        """Full (unsharded) fp32 weights under the model's own names, on every rank, to publish or checkpoint."""
         return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
-                for k, v in self.model.state_dict().items()}
+                for k, v in self.model.lm.state_dict().items()}
+
+    def save_checkpoint(self, root, *, version: int, ring: dict, state: dict, extra: dict | None = None):
+        """Collective: full fp32 weights and AdamW state, written by rank 0 in the toy layout (fsdp_checkpoint.py)."""
+        from backends.vllm_fsdp import fsdp_checkpoint
+        return fsdp_checkpoint.save(root, self, version=version, state=state, ring=ring, extra=extra)
+
+    def resume_checkpoint(self, root, *, digest: str):
+        """Collective: restore the latest checkpoint under `root` of config `digest`: (path, ring, state) or None."""
+        from backends.vllm_fsdp import fsdp_checkpoint
+        if (path := checkpoint.latest(root)) is None:
+            return None
+        ring, state = fsdp_checkpoint.load(path, self)
+        checkpoint.check_digest(path, state, digest)
+        return path, ring, state

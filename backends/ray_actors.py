@@ -1,0 +1,274 @@
+"""The three roles of the Ray run (backends/ray_run.py) as plain classes that the driver wraps with `ray.remote`.
+
+The one idea: each role is the concurrent run's process body turned into an object the driver calls. The
+driver owns the scheduler and the trace; an actor returns what it did as `trace.Event`s with its result,
+stamped with the absolute `time.time()` (one clock across machines, as far as NTP keeps them), which the driver
+shifts to its origin.
+
+- `LearnerActor`: ToyLearner + Evaluator; trains one batch per call, checkpoints, and is rank 0 (the source) of
+  the gloo group that carries weights to the rollout actors.
+- `RolloutActor`: a ToyRolloutEngine stepped continuously by a background thread (continuous batching), fed by
+  `submit` and drained by `collect`, which blocks until trajectories are finished (scored here when the teacher
+  is colocated). `receive` joins a weight broadcast in its own thread while the engine keeps decoding; the
+  engine thread loads the new weights between decode steps (`weight_update=in_flight`) or once it has drained
+  (`between_rollouts`). A request admitted at version w starts on weights >= w. Ray runs it as a threaded
+  actor (max_concurrency = 3: one blocked `collect`, one `receive`, one short call).
+- `TeacherActor`: a ToyTeacher scoring whatever the driver sends.
+
+A role whose Ray request has GPUs runs its model on CUDA (Ray sets CUDA_VISIBLE_DEVICES); weights still travel
+over gloo through CPU buffers.
+"""
+
+from __future__ import annotations
+
+import pickle
+import socket
+import threading
+import time
+import traceback
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from asyncopd import trace
+from asyncopd.objective import cache_layout
+from backends import checkpoint
+from backends.toy import Evaluator
+from backends.toy_engine import ToyRolloutEngine
+from backends.toy_learner import ToyLearner
+from backends.toy_teacher import ToyTeacher, scored_tokens
+from backends.vllm_fsdp.weight_sync import broadcast_state_dict
+
+POLL_S = 0.005                 # idle wait of the engine thread
+SYNC_TIMEOUT_S = 300           # gloo: a collective that waits this long for a peer fails
+
+
+def _device(gpus: float) -> torch.device:
+    return torch.device("cuda" if gpus > 0 else "cpu")
+
+
+def node_ip() -> str:
+    import ray                                  # imported where it runs: inside a Ray worker
+    return ray.util.get_node_ip_address()
+
+
+class _Role:
+    """What every actor answers: where it runs, and joining the weight-sync group."""
+
+    def where(self) -> str:
+        return node_ip()
+
+    def join_group(self, init_method: str, rank: int, world: int) -> None:
+        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
+                                timeout=timedelta(seconds=SYNC_TIMEOUT_S))
+
+
+class LearnerActor(_Role):
+    def __init__(self, cfg, student_bytes: bytes, teacher_bytes: bytes, ckpt_root: str):
+        toy = cfg.toy
+        torch.set_num_threads(cfg.concurrent.threads_per_role)
+        device = _device(cfg.ray.learner_gpus)
+        task = toy.task()
+        student, teacher = pickle.loads(student_bytes).to(device), pickle.loads(teacher_bytes).to(device)
+        self.learner = ToyLearner(student, cfg.objective, lr=toy.lr, pad_id=task.pad_id,
+                                  weight_decay=toy.weight_decay, grad_clip=toy.grad_clip, vcpo_lr=toy.vcpo_lr)
+        self.evaluate_fn = Evaluator(task, student, teacher, n_prompts=toy.eval_prompts, seed=cfg.seed, device=device)
+        self.ckpt_root, self.bucket_bytes = Path(ckpt_root), cfg.ray.sync_bucket_bytes
+
+    def rendezvous(self, port: int) -> str:
+        """tcp://<this node>:<port> for the weight-sync group; port 0 = a free port here (rank 0 listens)."""
+        if port == 0:
+            with socket.socket() as s:
+                s.bind(("", 0))
+                port = s.getsockname()[1]
+        return f"tcp://{node_ip()}:{port}"
+
+    def resume(self, digest: str):
+        """(checkpoint path, its state) after loading it, or None when there is no checkpoint."""
+        got = checkpoint.resume(self.ckpt_root, digest=digest, model=self.learner.model,
+                                optimizer=self.learner.optimizer)
+        return None if not got else (str(got[0]), got[2])
+
+    def publish(self) -> None:
+        """Rank 0 of the weight broadcast (the receivers record it)."""
+        broadcast_state_dict(self.learner.state_dict(), src=0, bucket_bytes=self.bucket_bytes)
+
+    def train(self, batch, scores) -> tuple[dict, trace.Event]:
+        t0 = time.time()
+        try:
+            metrics = self.learner.step(batch, scores)
+        except FloatingPointError as err:
+            raise FloatingPointError(f"training diverged at step {batch.version + 1}: {err}. The last good "
+                                     f"checkpoint is {checkpoint.latest(self.ckpt_root)} (resume=true continues)") from err
+        return metrics, trace.Event(t=t0, dur_s=time.time() - t0, kind="learner_step")
+
+    def evaluate(self, version: int) -> dict:
+        return self.evaluate_fn(self.learner.model, self.learner.state_dict(), version)
+
+    def save(self, version: int, state: dict) -> None:
+        learner = self.learner
+        checkpoint.save(self.ckpt_root, version=version, model=learner.model, optimizer=learner.optimizer,
+                        ring={version: learner.state_dict()}, state=state)
+
+
+class TeacherActor(_Role):
+    def __init__(self, cfg, teacher_bytes: bytes):
+        torch.set_num_threads(cfg.concurrent.threads_per_role)
+        self.teacher = ToyTeacher(pickle.loads(teacher_bytes), batch_size=cfg.toy.batch_size,
+                                  device=_device(cfg.ray.teacher_gpus))
+        self.topk, self.n_samples = cache_layout(cfg.objective)
+
+    def score(self, trajs) -> tuple[list, list[trace.Event]]:
+        t0 = time.time()
+        scores = self.teacher.score(trajs, topk=self.topk, n_samples=self.n_samples)
+        return scores, [trace.Event(t=t0, dur_s=time.time() - t0, kind="teacher", n_seqs=len(trajs),
+                                    tokens=scored_tokens(trajs))]
+
+
+class RolloutActor(_Role):
+    def __init__(self, i: int, cfg, student_bytes: bytes, teacher_bytes: bytes | None, crash_after: int = 0):
+        c, toy = cfg.concurrent, cfg.toy
+        torch.set_num_threads(c.threads_per_role)
+        task = toy.task()
+        self.topk, n_samples = cache_layout(cfg.objective)
+        device = _device(cfg.ray.rollout_gpus)
+        self.engine = ToyRolloutEngine(pickle.loads(student_bytes), max_batch=toy.engine_slots,
+                                       max_new_tokens=task.max_response_len, temperature=toy.temperature,
+                                       eos_id=task.eos_id, seed=cfg.seed,
+                                       capture_samples=n_samples, kv_on_update=c.kv_on_update, device=device)
+        self.teacher = (ToyTeacher(pickle.loads(teacher_bytes), batch_size=toy.batch_size, device=device)
+                        if teacher_bytes else None)
+        self.i, self.n_samples, self.B = i, n_samples, toy.batch_size
+        self.in_flight_updates, self.crash_after = c.weight_update == "in_flight", crash_after
+        self.bucket_bytes = cfg.ray.sync_bucket_bytes
+        self.rec = trace.Recorder(time.time)                          # written by the engine thread only
+        self.cond = threading.Condition()   # guards everything below, shared with the engine thread
+        self.inbox: list = []               # (uid, prompt, admit_version) not yet taken by the engine thread
+        self.latest = None                  # (version, state dict) received, not yet loaded
+        self.outbox: list = []              # (trajectories, scores or None), finished, not yet collected
+        self.out_events: list[trace.Event] = []
+        self.error: str | None = None
+        self.stopped = False
+        self.thread: threading.Thread | None = None
+
+    # --- called by the driver (Ray threads) -----------------------------------------------------------------
+
+    def submit(self, requests: list) -> None:
+        with self.cond:
+            self.inbox.extend(requests)
+            self.cond.notify_all()
+
+    def receive(self, version: int) -> trace.Event:
+        """Join the learner's broadcast of `version`; the first one (the run's start, maybe a resumed version)
+        loads before the engine thread starts, later ones are handed to it. Returns the weight_sync event
+        (bytes, broadcast seconds)."""
+        t0 = self.rec.now()
+        state, stats = broadcast_state_dict(None, src=0, bucket_bytes=self.bucket_bytes)
+        event = trace.Event(t=t0, dur_s=stats.seconds, kind="weight_sync", worker=self.i, version=version,
+                            bytes=stats.bytes)
+        if self.thread is None:
+            self.engine.load_weights(state, version)
+            self.thread = threading.Thread(target=self._run, name=f"engine-{self.i}", daemon=True)
+            self.thread.start()
+            return event
+        with self.cond:
+            if self.latest is None or version > self.latest[0]:
+                self.latest = (version, state)
+            self.cond.notify_all()
+        return event
+
+    def collect(self) -> tuple[list, list | None, list[trace.Event]]:
+        """Block until trajectories are finished (or the actor stops): (trajectories, their scores when the
+        teacher is colocated else None, trace events). The engine thread's exception is raised here."""
+        with self.cond:
+            while not self.outbox and self.error is None and not self.stopped:
+                self.cond.wait()
+            if self.error is not None:
+                raise RuntimeError(f"rollout actor {self.i}: the engine thread failed\n{self.error}")
+            out, self.outbox = self.outbox, []
+            events, self.out_events = self.out_events, []
+        trajs = [t for ts, _ in out for t in ts]
+        return trajs, (None if self.teacher is None else [s for _, ss in out for s in ss]), events
+
+    def stop(self) -> list[trace.Event]:
+        """Stop the engine thread; returns the events it had not shipped yet."""
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+        if self.thread is not None:
+            self.thread.join(timeout=10.0)
+        with self.cond:
+            events, self.out_events = self.out_events + self.rec.events, []
+            self.rec.events = []
+        return events
+
+    # --- the engine thread ----------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException:
+            with self.cond:
+                self.error = traceback.format_exc()
+                self.cond.notify_all()
+
+    def _loop(self) -> None:
+        engine, rec = self.engine, self.rec
+        pending, started, done = [], {}, []           # requests not yet in the engine; uid -> (t0, admit_v)
+        n_done = 0
+        while True:
+            with self.cond:
+                if self.stopped:
+                    return
+                pending += self.inbox
+                self.inbox = []
+                busy = engine.n_running + engine.n_waiting > 0
+                new = self.latest if self.in_flight_updates or not busy else None
+                if new is not None:
+                    self.latest = None
+                hold = self.latest is not None        # between_rollouts: no new starts while newer weights wait
+            if new is not None:
+                engine.load_weights(new[1], new[0])
+            if not hold:
+                for req in [r for r in pending if r[2] <= engine.version]:
+                    engine.add(req[1], req[0])
+                    started[req[0]] = (rec.now(), req[2])
+                pending = [r for r in pending if r[0] not in started]
+            if engine.n_running + engine.n_waiting == 0:
+                with self.cond:                        # idle, or waiting for weights in transit
+                    self._ship(rec)
+                    if not self.inbox and self.latest is None and not self.stopped:
+                        self.cond.wait(POLL_S)
+                continue
+            t0, tokens0, prefill0 = rec.now(), engine.stats.tokens, engine.stats.prefill_tokens
+            finished = engine.step()
+            rec.span("decode_iter", t0, worker=self.i, version=engine.version, n_seqs=engine.stats.tokens - tokens0,
+                     tokens=engine.stats.prefill_tokens - prefill0)
+            for traj in finished:
+                t_start, w = started.pop(traj.uid)
+                done.append(replace(traj, admit_version=w))
+                rec.span("rollout", t_start, worker=self.i, uid=traj.uid, version=traj.behav_version,
+                         tokens=traj.n_tokens)
+            n_done += len(finished)
+            if self.crash_after and n_done >= self.crash_after:
+                raise RuntimeError(f"test hook: rollout actor {self.i} crashes on purpose after {n_done} rollouts")
+            idle = engine.n_running + engine.n_waiting == 0
+            if done and (self.teacher is None or idle or len(done) >= max(1, self.B // 4)):
+                scores = None
+                if self.teacher is not None:          # colocated teacher: score here, ship scored
+                    t0 = rec.now()
+                    scores = self.teacher.score(done, topk=self.topk, n_samples=self.n_samples)
+                    rec.span("teacher", t0, worker=self.i, n_seqs=len(done), tokens=scored_tokens(done))
+                with self.cond:
+                    self.outbox.append((done, scores))
+                    self._ship(rec)
+                    self.cond.notify_all()
+                done = []
+
+    def _ship(self, rec: trace.Recorder) -> None:
+        """Move the engine thread's events where `collect` takes them (caller holds the lock)."""
+        self.out_events += rec.events
+        rec.events = []

@@ -1,0 +1,47 @@
+"""`RealConfig`: the `vllm_fsdp.*` keys of a run (backend=vllm_fsdp): model folders, vLLM engines, FSDP2 learner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from backends.vllm_fsdp.fsdp_learner import MIXED_PRECISION
+from backends.vllm_fsdp.vllm_engine import DTYPES, VLLMConfig
+
+
+@dataclass
+class RealConfig:
+    student_path: str = ""               # local HF folder of the student; "" = export the toy student of `toy`
+    teacher_path: str = ""               # local HF folder of the teacher; "" = export the toy teacher of `toy`
+    trust_remote_code: bool = False      # run a model folder's own Python code: only for folders you trust
+    dtype: str = "bfloat16"              # vLLM weights and compute: auto | bfloat16 | float16 | float32
+    rollout_gpu_memory: float = 0.3      # fraction of the GPU the rollout engine may take, in (0, 1)
+    teacher_gpu_memory: float = 0.3      # fraction the teacher engine may take; the learner keeps the rest
+    max_model_len: int = 1024            # prompt + response tokens per sequence, >= 1
+    enforce_eager: bool = True           # no CUDA graphs: slower decode, faster start (short runs)
+    mixed_precision: str = "bf16"        # learner: bf16 compute on fp32 master weights | fp32 (needs a GPU for bf16 speed)
+    head_chunk_tokens: int = 2048        # learner: lm-head rows per chunk, >= 1 (peak logits: chunk × vocab)
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"vllm_fsdp.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"vllm_fsdp.mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        for name in ("rollout_gpu_memory", "teacher_gpu_memory"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"vllm_fsdp.{name} must be in (0, 1), got {getattr(self, name)}")
+        if self.rollout_gpu_memory + self.teacher_gpu_memory >= 1:
+            raise ValueError(f"vllm_fsdp.rollout_gpu_memory + teacher_gpu_memory must be < 1 (the learner shares the "
+                             f"GPU), got {self.rollout_gpu_memory} + {self.teacher_gpu_memory}")
+        for name in ("max_model_len", "head_chunk_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"vllm_fsdp.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("student_path", "teacher_path"):
+            path = getattr(self, name)
+            if path and not (Path(path) / "config.json").is_file():
+                raise ValueError(f"vllm_fsdp.{name}={path!r} is not a local Hugging Face folder (no config.json)")
+
+    def engine_config(self, path: Path, gpu_memory: float, max_logprobs: int) -> VLLMConfig:
+        return VLLMConfig(model_path=str(path), dtype=self.dtype, gpu_memory_utilization=gpu_memory,
+                          max_model_len=self.max_model_len, max_logprobs=max_logprobs,
+                          enforce_eager=self.enforce_eager, trust_remote_code=self.trust_remote_code)
