@@ -64,6 +64,8 @@ class RunConfig:
         parse_eta(self.staleness) if self.exec in ("concurrent", "ray") else parse_staleness(self.staleness)
         if self.exec == "ray":
             check_fits(self.ray, self.concurrent)
+        if self.toy.mixture_frac and self.exec != "lockstep":
+            raise ValueError(f"toy.mixture_frac > 0 (rollout mixture) runs with exec=lockstep only, got exec={self.exec!r}")
         if self.backend == "vllm_fsdp" and (self.exec != "lockstep" or str(self.staleness).startswith("schedule:")):
             raise ValueError(f"backend=vllm_fsdp runs with exec=lockstep and staleness=fixed:<k> (got exec={self.exec}, "
                              f"staleness={self.staleness}); exec=ray runs the toy engines only so far")

@@ -321,7 +321,8 @@ def run(cfg, out_dir: Path, parts=lockstep_parts) -> pd.DataFrame:
         step_s = time.monotonic() - t_step
         row = {"step": version, "version": version, "estimator": objective.name, "staleness_k": k,
                **batch_monitors(task, batch), **mixture_monitors(task, toy, mixed), **metrics,
-               "ess": metrics.get("ess", float("nan")), "step_s": step_s, "rollout_s": rollout_s, "teacher_s": teacher_s, "learner_s": learner_s,
+               "ess": metrics.get("ess", float("nan")), "step_s": step_s, "rollout_s": rollout_s,
+               "teacher_s": teacher_s, "learner_s": learner_s,
                "samples_per_s": B / step_s}
         if version % toy.eval_every == 0 or version == cfg.steps:
             row.update(evaluate(learner.model, ring[version], version))
