@@ -55,7 +55,7 @@ import pandas as pd
 from asyncopd import trace
 from asyncopd.scheduler import Scheduler, SchedulerConfig
 from backends.toy import batch_monitors, build_models, config_digest
-from backends.toy_concurrent import CRASH_ENV, parse_eta
+from backends.toy_concurrent import CRASH_ENV, admit_round, parse_eta
 from backends.vllm_fsdp.weight_sync import DEFAULT_BUCKET_BYTES
 
 log = logging.getLogger(__name__)
@@ -269,13 +269,7 @@ def _drive(cfg, out_dir: Path, eta: int, ray, ray_actors, actors: dict) -> pd.Da
     collecting = {call(name, "collect"): i for i, name in enumerate(rollout_names)}
     t_step = time.monotonic()
     while sched.version < cfg.steps:
-        sends = [[] for _ in rollout_names]
-        while (w := sched.try_admit()) is not None:        # admit to capacity, least-loaded actor first
-            i = int(np.argmin(outstanding))
-            sends[i].append((next_uid, prompt_of(next_uid), w))
-            rec.instant("admit", uid=next_uid, version=w)
-            owner[next_uid], outstanding[i] = i, outstanding[i] + 1
-            next_uid += 1
+        sends, next_uid = admit_round(sched, outstanding, owner, next_uid, prompt_of, rec)
         for name, reqs in zip(rollout_names, sends):
             if reqs:                                      # one chunk per actor and round (not awaited:
                 actors[name].submit.remote(reqs)          # a dead actor shows in its collect)

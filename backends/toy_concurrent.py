@@ -245,6 +245,19 @@ def teacher_worker(cfg, teacher_bytes, origin, in_q, out_q, events_q, stop):
 
 # --- the learner: main process -------------------------------------------------------------------------------
 
+def admit_round(sched: Scheduler, outstanding: list[int], owner: dict[int, int], next_uid: int, prompt_of, rec):
+    """Admit to capacity, least-loaded worker first. Returns (per worker its (uid, prompt, admit_version)
+    requests, the next uid); `outstanding` and `owner` (uid -> worker) are updated, an admit event per request."""
+    sends = [[] for _ in outstanding]
+    while (w := sched.try_admit()) is not None:
+        i = int(np.argmin(outstanding))
+        sends[i].append((next_uid, prompt_of(next_uid), w))
+        rec.instant("admit", uid=next_uid, version=w)
+        owner[next_uid], outstanding[i] = i, outstanding[i] + 1
+        next_uid += 1
+    return sends, next_uid
+
+
 def run(cfg, out_dir: Path) -> pd.DataFrame:
     """One concurrent run; `cfg` is a backends.run.RunConfig with exec=concurrent. Returns the metrics table."""
     toy, objective, c = cfg.toy, cfg.objective, cfg.concurrent
@@ -354,13 +367,7 @@ def run(cfg, out_dir: Path) -> pd.DataFrame:
         t_step = time.monotonic()
         while sched.version < cfg.steps:
             check_children()
-            sends = [[] for _ in req_qs]
-            while (w := sched.try_admit()) is not None:    # admit to capacity, least-loaded worker first
-                i = int(np.argmin(outstanding))
-                sends[i].append((next_uid, prompt_of(next_uid), w))
-                rec.instant("admit", uid=next_uid, version=w)
-                owner[next_uid], outstanding[i] = i, outstanding[i] + 1
-                next_uid += 1
+            sends, next_uid = admit_round(sched, outstanding, owner, next_uid, prompt_of, rec)
             for q, reqs in zip(req_qs, sends):            # one message per worker: a tensor each costs ~0.4 ms
                 if reqs:                                  # to unpickle one by one, 28 ms for a batch of 64
                     _put(q, _dumps(reqs), stop, on_full=check_children)

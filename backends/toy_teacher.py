@@ -28,6 +28,17 @@ def scored_tokens(trajs: list[Trajectory]) -> int:
     return sum(len(t.prompt_ids) + t.n_tokens for t in trajs)
 
 
+def check_scorable(trajs: list[Trajectory], n_samples: int) -> None:
+    """Every teacher's precondition: token ids present, and >= n_samples captured samples per token."""
+    for t in trajs:
+        if t.prompt_ids is None or t.response_ids is None:
+            raise ValueError(f"trajectory {t.uid} has no token ids (a Trajectory.fake cannot be scored)")
+        if n_samples and (t.sample_ids is None or t.sample_behav_logp is None or t.sample_ids.shape[1] < n_samples):
+            have = 0 if t.sample_ids is None else t.sample_ids.shape[1]
+            raise ValueError(f"trajectory {t.uid} carries {have} captured samples per token, n_samples={n_samples} "
+                             "needs at least that many: run the engine with capture_samples >= n_samples")
+
+
 class ToyTeacher:
     def __init__(self, model, *, batch_size: int = 64, version: int = 0, device: str | torch.device = "cpu"):
         if batch_size < 1:
@@ -46,13 +57,7 @@ class ToyTeacher:
             raise ValueError(f"topk must be in [0, vocab_size={self.vocab_size}], got {topk}")
         if n_samples < 0:
             raise ValueError(f"n_samples must be >= 0, got {n_samples}")
-        for t in trajs:
-            if t.prompt_ids is None or t.response_ids is None:
-                raise ValueError(f"trajectory {t.uid} has no token ids (a Trajectory.fake cannot be scored)")
-            if n_samples and (t.sample_ids is None or t.sample_behav_logp is None or t.sample_ids.shape[1] < n_samples):
-                have = 0 if t.sample_ids is None else t.sample_ids.shape[1]
-                raise ValueError(f"trajectory {t.uid} carries {have} captured samples per token, n_samples={n_samples} "
-                                 "needs at least that many: run the engine with capture_samples >= n_samples")
+        check_scorable(trajs, n_samples)
         out = []
         for i in range(0, len(trajs), self.batch_size):
             out += self._score_batch(trajs[i:i + self.batch_size], topk, n_samples)

@@ -47,6 +47,7 @@ import torch
 
 from asyncopd.cache import TeacherScores
 from asyncopd.rollout import Trajectory
+from backends.toy_teacher import check_scorable
 from backends.vllm_fsdp.vllm_engine import VLLMConfig, build_llm_engine, check_logprobs_mode, topk_of
 
 MAX_LOGPROB_TOKEN_IDS = 128   # vLLM's cap on SamplingParams.logprob_token_ids
@@ -73,13 +74,7 @@ class VLLMTeacher:
             raise ValueError(f"topk must be >= 0, got {topk}")
         if not 0 <= n_samples <= MAX_LOGPROB_TOKEN_IDS:
             raise ValueError(f"n_samples must be in [0, {MAX_LOGPROB_TOKEN_IDS}], got {n_samples}")
-        for t in trajs:
-            if t.prompt_ids is None or t.response_ids is None:
-                raise ValueError(f"trajectory {t.uid} has no token ids (a Trajectory.fake cannot be scored)")
-            if n_samples and (t.sample_ids is None or t.sample_behav_logp is None or t.sample_ids.shape[1] < n_samples):
-                have = 0 if t.sample_ids is None else t.sample_ids.shape[1]
-                raise ValueError(f"trajectory {t.uid} carries {have} captured samples per token, n_samples={n_samples} "
-                                 "needs at least that many: run the engine with capture_samples >= n_samples")
+        check_scorable(trajs, n_samples)
         out = []
         for i in range(0, len(trajs), self.batch_size):
             out += self._score_batch(trajs[i:i + self.batch_size], topk, n_samples)
