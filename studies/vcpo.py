@@ -13,10 +13,10 @@ Covers
     collapse_accuracy_drop below the initial student's, or held-out reverse KL ≥ collapse_kl_ratio × its
     initial value. Left out: the paper's per-sequence ESS, √ lr rule and per-sample gradient norms (report.md).
 How to run
-    python -m studies.vcpo                     # ~13 min on 2 idle CPU cores (31 min measured on 2 shared ones)
+    python -m studies.vcpo                     # 7 min on 2 idle CPU cores (36 cells of 150 steps)
     python -m studies.vcpo scale=smoke         # tiny task and models, < 1 min with a fresh cache
     python -m studies.vcpo hydra.run.dir=outputs/vcpo/<run>      # resume: finished cells are reused
-    python -m studies.vcpo 'staleness=[16,32]' 'seeds=[0,1,2,3,4]' steps=120
+    python -m studies.vcpo 'staleness=[16,32]' 'seeds=[0,1,2,3,4]' steps=200
     → results.csv (cell × step), runs.csv (one row per run), vcpo_training.png, vcpo_final.png, report.md;
       each cell in cells/<arm>_k<k>_s<seed>/.
 """
@@ -55,7 +55,7 @@ class Config:
     arms: list[str] = field(default_factory=lambda: list(ARMS))   # distinct keys of ARMS
     staleness: list[int] = field(default_factory=lambda: [8, 16])  # fixed k per cell, >= 0
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])   # prompts and sampling; the models are shared
-    steps: int = 80                      # learner steps per cell, >= 1
+    steps: int = 150                     # learner steps per cell, >= 1 (as kl_direction)
     lr: float = 1e-4                     # base learner lr; toy.lr must equal it
     eval_every: int = 10                 # held-out eval every this many steps; toy.eval_every must equal it
     eval_prompts: int = 512              # held-out prompts; toy.eval_prompts must equal it
