@@ -82,9 +82,9 @@ def test_monitors_are_metrics_of_a_concurrent_run(model_cache, tmp_path):
 
 
 def test_cells_set_ref_kl_and_mixture_per_arm():
-    cfg = composed()                                                        # seeds [0, 1]
+    cfg = composed()                                                        # seeds [0, 1, 2, 3]
     got = {(c["arm"], c["seed"]): c["run"] for c in li.cells(cfg)}
-    assert sorted(got) == sorted((a, s) for a in li.ARMS for s in (0, 1))
+    assert sorted(got) == sorted((a, s) for a in li.ARMS for s in (0, 1, 2, 3))
     for (a, s), rc in got.items():
         assert rc.objective.ref_kl_coef == (1.0 if a in ("ref_kl", "both") else 0.0)
         assert rc.toy.mixture_frac == (0.25 if a in ("mixture", "both") else 0.0)
