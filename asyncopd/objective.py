@@ -25,9 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from asyncopd.cache import TeacherScores
-from asyncopd.estimators import (CORRECTIONS, DEFAULT_CHUNK_SIZE, ESTIMATORS, SIGNALS, TAILS, EstimatorOut,
-                                 reference_kl_penalty, token_logp)
-from asyncopd.estimators.policy_gradient import BASELINES, logit_grad_sq
+from asyncopd.estimators import (BASELINES, CORRECTIONS, DEFAULT_CHUNK_SIZE, ESTIMATORS, SIGNALS, TAILS,
+                                 EstimatorOut, logit_grad_sq, reference_kl_penalty, token_logp)
 
 TRAINABLE = ("forward_kl_topk", "reverse_kl_topk", "reverse_kl_sampled", "reverse_kl_mc")  # need no full logits
 

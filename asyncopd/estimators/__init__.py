@@ -23,8 +23,10 @@ from asyncopd.estimators.kl import (
     token_logp,
 )
 from asyncopd.estimators.policy_gradient import (
+    BASELINES,
     CORRECTIONS,
     SIGNALS,
+    logit_grad_sq,
     reverse_kl_sampled,
     vcpo_baseline,
     vcpo_ess,
@@ -47,8 +49,8 @@ ESTIMATORS = {
 }
 
 __all__ = [
-    "CORRECTIONS", "DEFAULT_CHUNK_SIZE", "ESTIMATORS", "LOG_RATIO_GUARD", "SIGNALS", "TAILS", "EstimatorOut",
-    "forward_kl_exact", "forward_kl_topk", "ngram_repetition", "reference_kl_exact", "reference_kl_penalty",
+    "BASELINES", "CORRECTIONS", "DEFAULT_CHUNK_SIZE", "ESTIMATORS", "LOG_RATIO_GUARD", "SIGNALS", "TAILS", "EstimatorOut",
+    "forward_kl_exact", "forward_kl_topk", "logit_grad_sq", "ngram_repetition", "reference_kl_exact", "reference_kl_penalty",
     "reverse_kl_exact", "reverse_kl_mc", "reverse_kl_sampled", "reverse_kl_topk", "token_logp", "truncation_rate",
     "vcpo_baseline", "vcpo_ess", "vcpo_lr_scale",
 ]

@@ -40,8 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from asyncopd.estimators import EstimatorOut, reference_kl_penalty, reverse_kl_sampled, token_logp
-from asyncopd.estimators.policy_gradient import logit_grad_sq
+from asyncopd.estimators import EstimatorOut, logit_grad_sq, reference_kl_penalty, reverse_kl_sampled, token_logp
 from asyncopd.objective import ObjectiveConfig, opd_loss
 
 DEFAULT_CHUNK_TOKENS = 1024   # rows of lm-head logits per chunk: 4·1024·V bytes per fp32 [chunk, V] temporary
