@@ -55,7 +55,7 @@ import pandas as pd
 from asyncopd import trace
 from asyncopd.scheduler import Scheduler, SchedulerConfig
 from backends.toy import batch_monitors, build_models, config_digest
-from backends.toy_concurrent import CRASH_ENV, admit_round, parse_eta
+from backends.toy_concurrent import CRASH_ENV, admit_round, parse_eta, write_tables
 from backends.vllm_fsdp.weight_sync import DEFAULT_BUCKET_BYTES
 
 log = logging.getLogger(__name__)
@@ -230,10 +230,7 @@ def _drive(cfg, out_dir: Path, eta: int, ray, ray_actors, actors: dict) -> pd.Da
                  **get(call("learner", "evaluate", 0))}]
 
     def save_outputs(version: int, ckpt: bool = True) -> None:
-        pd.DataFrame(rows).to_csv(out_dir / "metrics.csv.tmp", index=False)
-        Path(out_dir / "metrics.csv.tmp").replace(out_dir / "metrics.csv")
-        trace.write(sorted(rec.events, key=lambda e: e.t), out_dir / "trace.csv")
-        trace.staleness_hist(hist).to_csv(out_dir / "staleness_hist.csv", index=False)
+        write_tables(out_dir, rows, rec.events, hist)
         if ckpt:
             get(call("learner", "save", version,
                      {"config_digest": digest, "t_ckpt": rec.now(), "next_uid": next_uid}))

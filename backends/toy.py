@@ -151,7 +151,7 @@ def parse_staleness(spec: str) -> int | str:
 def config_digest(cfg) -> str:
     """What a resumed run must share with the one it continues: everything but steps, resume, logger and the Ray
     placement (a run may move from a local instance to a cluster), and the vllm_fsdp keys of a toy run."""
-    skip = {"steps", "resume", "logger", "ray"} | ({"vllm_fsdp"} if getattr(cfg, "backend", "toy") == "toy" else set())
+    skip = {"steps", "resume", "logger", "ray"} | ({"vllm_fsdp"} if cfg.backend == "toy" else set())
     keep = {k: v for k, v in asdict(cfg).items() if k not in skip}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -245,6 +245,14 @@ def teacher_worker(cfg, teacher_bytes, origin, in_q, out_q, events_q, stop):
 
 # --- the learner: main process -------------------------------------------------------------------------------
 
+def write_tables(out_dir: Path, rows: list[dict], events: list, hist: Counter) -> None:
+    """What a wall-clock run has so far: metrics.csv (atomic rename), trace.csv in time order, staleness_hist.csv."""
+    pd.DataFrame(rows).to_csv(out_dir / "metrics.csv.tmp", index=False)
+    Path(out_dir / "metrics.csv.tmp").replace(out_dir / "metrics.csv")
+    trace.write(sorted(events, key=lambda e: e.t), out_dir / "trace.csv")
+    trace.staleness_hist(hist).to_csv(out_dir / "staleness_hist.csv", index=False)
+
+
 def admit_round(sched: Scheduler, outstanding: list[int], owner: dict[int, int], next_uid: int, prompt_of, rec):
     """Admit to capacity, least-loaded worker first. Returns (per worker its (uid, prompt, admit_version)
     requests, the next uid); `outstanding` and `owner` (uid -> worker) are updated, an admit event per request."""
@@ -288,13 +296,10 @@ def run(cfg, out_dir: Path) -> pd.DataFrame:
     rec = trace.Recorder(time.monotonic, origin=origin, events=events)
 
     def save_outputs(version: int, ckpt: bool = True) -> None:
-        pd.DataFrame(rows).to_csv(out_dir / "metrics.csv.tmp", index=False)
-        Path(out_dir / "metrics.csv.tmp").replace(out_dir / "metrics.csv")
-        trace.write(sorted(rec.events, key=lambda e: e.t), out_dir / "trace.csv")
-        trace.staleness_hist(hist).to_csv(out_dir / "staleness_hist.csv", index=False)
+        write_tables(out_dir, rows, rec.events, hist)
         if ckpt:
             learner.save_checkpoint(ckpt_root, version=version, ring={version: learner.state_dict()},
-                            state={"config_digest": digest, "t_ckpt": rec.now(), "next_uid": next_uid})
+                                    state={"config_digest": digest, "t_ckpt": rec.now(), "next_uid": next_uid})
 
     # --- processes and queues ---------------------------------------------------------------------------
     ctx = mp.get_context("spawn")

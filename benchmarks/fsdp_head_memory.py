@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from loss_memory import peak_rss_kib, reset_peak_rss, status_kib   # this folder: the same fresh-process peak RSS
+
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ["impl", "device", "estimator", "n_tokens", "vocab", "k", "head_chunk_tokens", "logits_fp32_mib",
           "peak_extra_mib", "ratio_to_unchunked", "seconds", "loss", "rss_method"]
@@ -40,29 +42,6 @@ RESPONSE_LEN, PROMPT_LEN = 128, 4
 
 
 # --- worker (one variant per process) ---------------------------------------------------------------------
-
-def _status_kib(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _reset_peak_rss() -> str:
-    """Reset VmHWM to the current RSS (Linux ≥ 4.0, `echo 5 > /proc/self/clear_refs`)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return "VmHWM-reset"
-    except OSError:
-        return "ru_maxrss"
-
-
-def _peak_rss_kib(method: str) -> int:
-    if method == "VmHWM-reset":
-        return _status_kib("VmHWM")
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux
-
 
 def make_batch(n_traj: int, length: int, v: int, k: int, seed: int):
     """Random prompts/responses and a teacher cache with k distinct top ids per token (k = 0: sampled logp only)."""
@@ -112,15 +91,15 @@ def worker(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base, method = torch.cuda.memory_allocated(), "cuda.max_memory_allocated"
     else:
-        method = _reset_peak_rss()
-        base = _status_kib("VmRSS") * 1024
+        method = reset_peak_rss()
+        base = status_kib("VmRSS") * 1024
     t0 = time.perf_counter()
     metrics = learner.step(batch, scores)
     if device == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = _peak_rss_kib(method) * 1024
+        peak = peak_rss_kib(method) * 1024
     return dict(impl=args.worker, device=device, peak_extra_mib=(peak - base) / 2**20,
                 seconds=time.perf_counter() - t0, loss=metrics["loss"], rss_method=method, k=k)
 

@@ -39,14 +39,14 @@ FIELDS = ["impl", "device", "n_tokens", "vocab", "k", "chunk_size", "input_mib",
 
 # --- worker (one implementation per process) ------------------------------------------------------------
 
-def _status_kib(key: str) -> int:
+def status_kib(key: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(key + ":"):
             return int(line.split()[1])
     raise KeyError(key)
 
 
-def _reset_peak_rss() -> str:
+def reset_peak_rss() -> str:
     """Reset VmHWM to the current RSS (Linux ≥ 4.0, `echo 5 > /proc/self/clear_refs`)."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -55,9 +55,9 @@ def _reset_peak_rss() -> str:
         return "ru_maxrss"
 
 
-def _peak_rss_kib(method: str) -> int:
+def peak_rss_kib(method: str) -> int:
     if method == "VmHWM-reset":
-        return _status_kib("VmHWM")
+        return status_kib("VmHWM")
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux
 
@@ -109,8 +109,8 @@ def worker(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base, method = torch.cuda.memory_allocated(), "cuda.max_memory_allocated"
     else:
-        method = _reset_peak_rss()
-        base = _status_kib("VmRSS") * 1024
+        method = reset_peak_rss()
+        base = status_kib("VmRSS") * 1024
     t0 = time.perf_counter()
     loss = run(args.worker, logits, ids, teacher_logp, mask)
     loss.backward()
@@ -118,7 +118,7 @@ def worker(args) -> dict:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
-        peak = _peak_rss_kib(method) * 1024
+        peak = peak_rss_kib(method) * 1024
     seconds = time.perf_counter() - t0
     out = dict(impl=args.worker, device=device, input_mib=input_bytes / 2**20, peak_extra_mib=(peak - base) / 2**20,
                seconds=seconds, loss=loss.item(), rss_method=method)

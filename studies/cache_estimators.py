@@ -103,10 +103,8 @@ class Config:
     toy: toy.ToyConfig = field(default_factory=toy.ToyConfig)
 
     def __post_init__(self):
-        for name, lo in (("ks", 1), ("ms", 1), ("toy_staleness", 0), ("train_staleness", 0), ("train_seeds", 0)):
-            v = list(getattr(self, name))
-            if not v or len(set(v)) < len(v) or min(v) < lo:
-                raise ValueError(f"{name} must be a non-empty list of distinct integers >= {lo}, got {v!r}")
+        cells_lib.check_distinct_ints(self, ("ks", "ms"), lo=1)
+        cells_lib.check_distinct_ints(self, ("toy_staleness", "train_staleness", "train_seeds"))
         if not self.tails or set(self.tails) - set(TAILS) or len(set(self.tails)) < len(self.tails):
             raise ValueError(f"tails must be distinct values of {TAILS}, got {self.tails!r}")
         t = list(self.train_layouts)
@@ -128,10 +126,7 @@ class Config:
                 raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
         if self.toy.temperature != 1:
             raise ValueError(f"toy.temperature must be 1 (π_β is compared at T = 1), got {self.toy.temperature}")
-        for name in ("lr", "eval_every", "eval_prompts"):
-            if getattr(self.toy, name) != getattr(self, name):
-                raise ValueError(f"toy.{name}={getattr(self.toy, name)!r} differs from {name}={getattr(self, name)!r}: "
-                                 f"set {name}, the study's knob (the YAML makes toy.{name} follow it)")
+        cells_lib.check_toy_follows(self)
 
 
 ConfigStore.instance().store(name="cache_estimators_schema", node=Config)

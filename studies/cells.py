@@ -1,4 +1,5 @@
-"""Study cells: one toy training run each, run in parallel worker processes and reused once finished.
+"""Study cells: one toy training run each, run in parallel worker processes and reused once finished; plus the
+config checks and the noise-band test every training study shares.
 
 A cell is a dict with at least `run` (a `backends.run.RunConfig`), `dir` (its own folder) and any labels the
 study wants as columns (estimator, staleness, seed, ...). `cell(run, dir, **labels)` adds `digest`, a hash of
@@ -7,6 +8,7 @@ rerun with `hydra.run.dir=<its folder>` reuses finished cells and reruns changed
 
     sweep = [cells.cell(RunConfig(...), out / "cells" / name, estimator=e, seed=s) for ...]
     df = cells.run_all(sweep, toy_cfg, workers=2, desc="my study")   # every cell's metrics.csv + label columns
+    gap, band, sign = cells.compare(acc_a, acc_b, n_prompts)            # a claim counts only when sign != 0
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from unittest.mock import patch
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
@@ -74,3 +77,28 @@ def run_all(sweep: list[dict], toy_cfg: toy.ToyConfig, *, workers: int, desc: st
         df = df.rename(columns={k: f"run_{k}" for k in c["labels"] if k in df.columns})   # the label wins
         frames.append(df.assign(**{k: c[k] for k in c["labels"]}))
     return pd.concat(frames, ignore_index=True)
+
+
+def check_distinct_ints(cfg, names, lo: int = 0) -> None:
+    """Each cfg.<name> must be a non-empty list of distinct integers >= lo (ValueError naming the field)."""
+    for name in names:
+        v = list(getattr(cfg, name))
+        if not v or len(set(v)) < len(v) or min(v) < lo:
+            raise ValueError(f"{name} must be a non-empty list of distinct integers >= {lo}, got {v!r}")
+
+
+def check_toy_follows(cfg, names=("lr", "eval_every", "eval_prompts")) -> None:
+    """The study's knobs are the truth: cfg.toy.<name> must equal cfg.<name> (the YAML interpolates them)."""
+    for name in names:
+        if getattr(cfg.toy, name) != getattr(cfg, name):
+            raise ValueError(f"toy.{name}={getattr(cfg.toy, name)!r} differs from {name}={getattr(cfg, name)!r}: "
+                             f"set {name}, the study's knob (the YAML makes toy.{name} follow it)")
+
+
+def compare(a: np.ndarray, b: np.ndarray, n_prompts: int) -> tuple[float, float, int]:
+    """(mean(a) − mean(b), noise band, sign): sign is ±1 only if the seed ranges of a and b do not overlap and
+    the gap exceeds two binomial standard errors of one evaluation on n_prompts prompts (the band)."""
+    p = np.clip(np.mean(np.concatenate([a, b])), 1 / n_prompts, 1 - 1 / n_prompts)
+    gap, band = a.mean() - b.mean(), 2 * np.sqrt(p * (1 - p) / n_prompts)
+    separate = a.max() < b.min() or a.min() > b.max()
+    return gap, band, int(np.sign(gap)) if separate and abs(gap) > band else 0

@@ -36,7 +36,6 @@ from pathlib import Path
 
 import hydra
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 import seaborn as sns
 from hydra.core.config_store import ConfigStore
@@ -47,6 +46,7 @@ from asyncopd.objective import ObjectiveConfig
 from backends import toy
 from backends.run import RunConfig
 from studies import cells as cells_lib
+from studies.cells import compare
 
 plt.switch_backend("Agg")
 
@@ -80,9 +80,7 @@ class Config:
             raise ValueError(f"arms must be distinct names from {tuple(ARMS)}, got {a!r}")
         if not (PRESET_DIR / f"{self.estimator}.yaml").exists():
             raise ValueError(f"estimator must name a preset of conf/estimator/, got {self.estimator!r}")
-        s = list(self.seeds)
-        if not s or len(set(s)) < len(s) or min(s) < 0:
-            raise ValueError(f"seeds must be a non-empty list of distinct integers >= 0, got {s!r}")
+        cells_lib.check_distinct_ints(self, ("seeds",))
         for name, ok, rule in (("ref_kl_coef", self.ref_kl_coef > 0, "> 0"),
                                ("mixture_frac", 0 < self.mixture_frac < 1, "in (0, 1)"),
                                ("steps", self.steps >= 1, ">= 1"), ("window", self.window >= 1, ">= 1"),
@@ -92,10 +90,7 @@ class Config:
                                ("scale", self.scale in ("default", "smoke"), "default or smoke")):
             if not ok:
                 raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
-        for name in ("lr", "eval_every", "eval_prompts"):
-            if getattr(self.toy, name) != getattr(self, name):
-                raise ValueError(f"toy.{name}={getattr(self.toy, name)!r} differs from {name}={getattr(self, name)!r}: "
-                                 f"set {name}, the study's knob (the YAML makes toy.{name} follow it)")
+        cells_lib.check_toy_follows(self)
         if self.toy.mixture_frac:
             raise ValueError("toy.mixture_frac must be 0: the mixture arms set it from mixture_frac (ARMS)")
         replace(self.toy, mixture_frac=self.mixture_frac)        # raises if it rounds to no teacher rollout
@@ -154,15 +149,6 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
             eval_prompts=c.eval_prompts, eval_every=int(ev.step.diff().min()) if len(ev) > 1 else 0, window=w))
     runs = pd.DataFrame(rows).assign(collapsed=lambda x: x.truncation_collapse_step.notna())
     return runs.sort_values("arm", key=lambda a: a.map(list(ARMS).index), kind="stable").reset_index(drop=True)
-
-
-def compare(a: np.ndarray, b: np.ndarray, n_prompts: int) -> tuple[float, float, int]:
-    """(mean(a) − mean(b), noise band, sign): sign is ±1 only if the seed ranges of a and b do not overlap and
-    the gap exceeds two binomial standard errors of one evaluation on n_prompts prompts (the band)."""
-    p = np.clip(np.mean(np.concatenate([a, b])), 1 / n_prompts, 1 - 1 / n_prompts)
-    gap, band = a.mean() - b.mean(), 2 * np.sqrt(p * (1 - p) / n_prompts)
-    separate = a.max() < b.min() or a.min() > b.max()
-    return gap, band, int(np.sign(gap)) if separate and abs(gap) > band else 0
 
 
 def verdicts(runs: pd.DataFrame) -> list[str]:

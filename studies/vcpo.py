@@ -29,7 +29,6 @@ from pathlib import Path
 
 import hydra
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 import seaborn as sns
 from hydra.core.config_store import ConfigStore
@@ -40,6 +39,7 @@ from asyncopd.objective import ObjectiveConfig
 from backends import toy
 from backends.run import RunConfig
 from studies import cells as cells_lib
+from studies.cells import compare
 
 plt.switch_backend("Agg")
 
@@ -70,20 +70,14 @@ class Config:
         a = list(self.arms)
         if not a or len(set(a)) < len(a) or set(a) - set(ARMS):
             raise ValueError(f"arms must be distinct names from {tuple(ARMS)}, got {a!r}")
-        for name in ("staleness", "seeds"):
-            v = list(getattr(self, name))
-            if not v or len(set(v)) < len(v) or min(v) < 0:
-                raise ValueError(f"{name} must be a non-empty list of distinct integers >= 0, got {v!r}")
+        cells_lib.check_distinct_ints(self, ("staleness", "seeds"))
         for name, ok, rule in (("steps", self.steps >= 1, ">= 1"), ("workers", self.workers >= 1, ">= 1"),
                                ("collapse_accuracy_drop", 0 < self.collapse_accuracy_drop < 1, "in (0, 1)"),
                                ("collapse_kl_ratio", self.collapse_kl_ratio > 1, "> 1"),
                                ("scale", self.scale in ("default", "smoke"), "default or smoke")):
             if not ok:
                 raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
-        for name in ("lr", "eval_every", "eval_prompts"):
-            if getattr(self.toy, name) != getattr(self, name):
-                raise ValueError(f"toy.{name}={getattr(self.toy, name)!r} differs from {name}={getattr(self, name)!r}: "
-                                 f"set {name}, the study's knob (the YAML makes toy.{name} follow it)")
+        cells_lib.check_toy_follows(self)
         if self.toy.vcpo_lr:
             raise ValueError("toy.vcpo_lr must be false: each arm sets it (ARMS)")
 
@@ -130,15 +124,6 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
             ess_mean=tr.ess_frac.mean(), grad_norm_var=g.var(), grad_norm_cv=g.std() / g.mean(), lr_mean=tr.lr.mean(),
             **c[["eval_prompts", "collapse_accuracy_drop", "collapse_kl_ratio"]]))
     return pd.DataFrame(rows).sort_values("arm", key=lambda a: a.map(list(ARMS).index), kind="stable")
-
-
-def compare(a: np.ndarray, b: np.ndarray, n_prompts: int) -> tuple[float, float, int]:
-    """(mean(a) − mean(b), noise band, sign): sign is ±1 only if the seed ranges of a and b do not overlap and
-    the gap exceeds two binomial standard errors of one evaluation on n_prompts prompts (the band)."""
-    p = np.clip(np.mean(np.concatenate([a, b])), 1 / n_prompts, 1 - 1 / n_prompts)
-    gap, band = a.mean() - b.mean(), 2 * np.sqrt(p * (1 - p) / n_prompts)
-    separate = a.max() < b.min() or a.min() > b.max()
-    return gap, band, int(np.sign(gap)) if separate and abs(gap) > band else 0
 
 
 def verdicts(runs: pd.DataFrame) -> list[str]:

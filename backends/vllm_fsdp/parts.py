@@ -21,6 +21,7 @@ vLLM does not make) and `toy.mixture_frac > 0`.
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def lockstep_parts(cfg, *, build_engine=build_llm_engine):
     load = dict(local_files_only=True, trust_remote_code=real.trust_remote_code, dtype=torch.float32)
     student = AutoModelForCausalLM.from_pretrained(student_path, **load)
     teacher_model = AutoModelForCausalLM.from_pretrained(teacher_path, **load).eval()
-    student_eval = AutoModelForCausalLM.from_pretrained(student_path, **load).eval()
+    student_eval = copy.deepcopy(student).eval()           # the evaluator's own fp32 copy, never sharded
 
     temperature = toy.temperature
     engine = VLLMRolloutEngine(
