@@ -20,8 +20,6 @@ plus an 8-byte offset per trajectory and a JSON header. In memory ids are int64,
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +27,8 @@ import pandas as pd
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from asyncopd.files import atomic_write
 
 FORMAT = "asyncopd.teacher_scores"  # metadata["format"] of a cache file
 FORMAT_VERSION = "1"
@@ -182,15 +182,7 @@ def save_scores(scores: list[TeacherScores], path) -> None:
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "k": str(k), "n_samples": str(M),
                 "sampler_logp": json.dumps(has_sampler), "n_trajectories": str(len(scores)),
                 "teacher_versions": json.dumps([s.teacher_version for s in scores])}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())                # the bytes are on disk before the name points at them
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load_scores(path) -> list[TeacherScores]:

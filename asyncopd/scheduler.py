@@ -110,6 +110,11 @@ class SchedulerConfig:
         raise ValueError(f"staleness spec must be 'fixed:<k>' or an integer η, got {spec!r}")
 
     @property
+    def spec(self) -> str:
+        """The staleness knob as `parse` reads it: "fixed:k" in fixed:k mode, else "η"."""
+        return str(self.max_staleness) if self.fixed_staleness is None else f"fixed:{self.fixed_staleness}"
+
+    @property
     def eta(self) -> int:
         """The staleness bound in force: k in fixed:k mode, else max_staleness."""
         return self.max_staleness if self.fixed_staleness is None else self.fixed_staleness

@@ -19,13 +19,13 @@ module never reads a clock. Kinds, and the columns each one fills (others keep t
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterable
 
 import pandas as pd
+
+from asyncopd.files import atomic_write
 
 KINDS = ("admit", "rollout", "drop", "teacher", "learner_step", "weight_sync", "decode_iter")
 ROLES = ("rollout", "teacher", "learner", "sync", "scheduler")
@@ -108,24 +108,13 @@ def _frame(events_or_frame) -> pd.DataFrame:
     return to_frame(events_or_frame)
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call write(tmp) on a temp file next to `path`, then rename it over `path`: no half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def write(events_or_frame, path) -> None:
     """Write a trace as .csv or .parquet (chosen by suffix), atomically."""
     path, df = Path(path), _frame(events_or_frame)
     if path.suffix == ".csv":
-        _atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
+        atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
     elif path.suffix == ".parquet":
-        _atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
+        atomic_write(path, lambda tmp: df.to_parquet(tmp, index=False))
     else:
         raise ValueError(f"{path}: trace suffix must be .csv or .parquet, got {path.suffix!r}")
 
@@ -167,7 +156,7 @@ def to_perfetto(events_or_frame, path) -> None:
         ev["args"] = {c: e[c] for c in arg_cols if e[c] != DEFAULTS[c]}
         out.append(ev)
     path = Path(path)
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps({"traceEvents": out})))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps({"traceEvents": out})))
 
 
 @dataclass

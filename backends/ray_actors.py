@@ -36,7 +36,7 @@ import torch.distributed as dist
 from asyncopd import trace
 from asyncopd.objective import cache_layout
 from backends import checkpoint
-from backends.toy import Evaluator
+from backends.evaluate import Evaluator
 from backends.toy_engine import ToyRolloutEngine
 from backends.toy_learner import ToyLearner
 from backends.toy_teacher import ToyTeacher, scored_tokens

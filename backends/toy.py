@@ -44,6 +44,7 @@ from asyncopd.objective import cache_layout
 from asyncopd.rollout import Batch
 from asyncopd.scheduler import Scheduler, SchedulerConfig
 from backends import checkpoint
+from backends.evaluate import Evaluator
 from backends.toy_engine import ToyRolloutEngine
 from backends.toy_learner import ToyLearner
 from backends.toy_models import (STUDENT_SFT, TEACHER_SFT, ModelSpec, load_or_train_teacher,
@@ -182,35 +183,6 @@ def mixture_monitors(task: SortTask, toy: ToyConfig, mixed: list) -> dict[str, f
         return {"mixture_frac": toy.mixture_frac}
     return {"mixture_frac": toy.mixture_frac, "mixture_len_mean": float(np.mean([t.n_tokens for t in mixed])),
             "mixture_accuracy": float(np.mean([task.verify(t.prompt_ids, t.response_ids) for t in mixed]))}
-
-
-class Evaluator:
-    """Held-out metrics of the current student: greedy exact-match accuracy, and the exact forward and reverse
-    KL to the teacher per token on responses sampled from the student at T = 1 (full V-way distributions:
-    the toy vocabulary is small), so every estimator is judged by the same yardstick."""
-
-    def __init__(self, task: SortTask, student, teacher, *, n_prompts: int, seed: int, device):
-        self.task, self.teacher = task, teacher
-        self.prompts = task.make_prompts(n_prompts, HELDOUT_SEED)
-        self.greedy = ToyRolloutEngine(student, max_batch=256, max_new_tokens=task.max_response_len,
-                                       temperature=0.0, eos_id=task.eos_id, device=device)
-        self.sampler = ToyRolloutEngine(student, max_batch=256, max_new_tokens=task.max_response_len,
-                                        eos_id=task.eos_id, seed=seed + 7919, device=device)
-
-    @torch.no_grad()
-    def __call__(self, student, weights, version: int) -> dict[str, float]:
-        uids = list(range(len(self.prompts)))
-        self.greedy.load_weights(weights, version)
-        greedy = self.greedy.generate(self.prompts, uids)
-        self.sampler.load_weights(weights, version)
-        sampled = self.sampler.generate(self.prompts[:256], uids[:256])
-        s_logits = response_logits(student, sampled, self.task.pad_id)
-        t_logits = response_logits(self.teacher, sampled, self.task.pad_id)
-        mask = torch.ones(len(s_logits), dtype=torch.bool, device=s_logits.device)
-        return {"accuracy": float(np.mean([self.task.verify(p, t.response_ids) for p, t in zip(self.prompts, greedy)])),
-                "eval_reverse_kl": reverse_kl_exact(s_logits, t_logits, mask).loss.item(),
-                "eval_forward_kl": forward_kl_exact(s_logits, t_logits, mask).loss.item(),
-                "eval_response_len": float(np.mean([t.n_tokens for t in greedy]))}
 
 
 def lockstep_parts(cfg):

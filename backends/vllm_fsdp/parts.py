@@ -30,7 +30,7 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 from asyncopd.objective import cache_layout
-from backends.toy import Evaluator
+from backends.evaluate import Evaluator
 from backends.vllm_fsdp.export import export_toy_models
 from backends.vllm_fsdp.fsdp_learner import FSDPLearner
 from backends.vllm_fsdp.vllm_engine import VLLMRolloutEngine, build_llm_engine, logprobs_mode_for
