@@ -1,9 +1,16 @@
 """The OPD objective as configuration: which estimator, on which teacher-cache fields, with which stabilisers.
 
-Every learner (the toy one, the FSDP2 one) computes the student's logits for the response tokens of a batch,
-flattened to [N, V], and calls `opd_loss` with the batch's cache fields flattened the same way (`flat_inputs`).
-What the teacher must put in the cache for a given objective is `cache_layout(cfg)`. Keeping this mapping in
-the core means both backends train on exactly the same loss for the same config string.
+Every learner computes what the objective reads from the student on the response tokens of a batch, flattened
+along the token axis, with the batch's cache fields flattened the same way (`flat_inputs`). What the teacher
+must put in the cache for a given objective is `cache_layout(cfg)`. The objective is three pieces, each
+dispatched on the config once, here, so both backends train on exactly the same loss for the same config:
+
+    sampled_term           reverse_kl_sampled from per-token vectors [N]: log π_θ(y_t), teacher logp, ...
+    vocab_term             the vocabulary estimators from student logits [N, V] and the cache
+    add_reference_penalty  StableOPD's ref_kl_coef · KL(π_θ‖π_ref) on the sampled tokens
+
+`opd_loss` composes them on full [N, V] logits (the toy learner); the FSDP2 learner composes the same three
+with the lm head applied chunk by chunk (`backends.vllm_fsdp.chunked_head.chunked_opd_loss`).
 
     estimator            uses from the cache                         direction
     forward_kl_topk      teacher top-k ids + logp (+ tail mass)      KL(π_T‖π_θ), robust to stale rollouts
@@ -25,15 +32,16 @@ from dataclasses import dataclass
 import torch
 
 from asyncopd.cache import TeacherScores
-from asyncopd.estimators import (BASELINES, CORRECTIONS, DEFAULT_CHUNK_SIZE, ESTIMATORS, SIGNALS, TAILS,
-                                 EstimatorOut, logit_grad_sq, reference_kl_penalty, token_logp)
+from asyncopd.estimators import (BASELINES, CORRECTIONS, DEFAULT_CHUNK_SIZE, SIGNALS, TAILS, EstimatorOut,
+                                 forward_kl_topk, logit_grad_sq, reference_kl_penalty, reverse_kl_mc,
+                                 reverse_kl_sampled, reverse_kl_topk, token_logp)
 
 TRAINABLE = ("forward_kl_topk", "reverse_kl_topk", "reverse_kl_sampled", "reverse_kl_mc")  # need no full logits
 
 
 @dataclass
 class ObjectiveConfig:
-    estimator: str = "forward_kl_topk"   # one of TRAINABLE (a key of asyncopd.estimators.ESTIMATORS)
+    estimator: str = "forward_kl_topk"   # one of TRAINABLE
     topk: int = 8                        # teacher top-k kept in the cache (top-k estimators), >= 1
     tail: str = "bucket"                 # top-k tail handling: bucket | renorm | none
     signal: str = "recompute"            # reverse_kl_sampled: stale (log π_β) | recompute (learner-time log π_θ)
@@ -93,34 +101,62 @@ def flat_inputs(scores: list[TeacherScores]) -> dict[str, torch.Tensor]:
     return out
 
 
-def opd_loss(cfg: ObjectiveConfig, student_logits: torch.Tensor, response_ids: torch.Tensor,
-             cache: dict[str, torch.Tensor], mask: torch.Tensor, *, behav_logp: torch.Tensor | None = None,
-             ref_logp: torch.Tensor | None = None) -> EstimatorOut:
-    """The configured estimator on flattened inputs: student_logits [N, V] (grad), response_ids [N],
-    cache from `flat_inputs`, mask [N] bool, behav_logp [N] (rollout-time log π_β), ref_logp [N] (reference
-    model on the sampled tokens; needed iff ref_kl_coef > 0). Returns the loss and the estimator's metrics,
-    plus `student_logp_mean` and, with the reference term, `ref_kl`."""
-    fn = ESTIMATORS[cfg.estimator]
+def sampled_term(cfg: ObjectiveConfig, theta: torch.Tensor, teacher_logp: torch.Tensor, mask: torch.Tensor, *,
+                 behav_logp: torch.Tensor | None = None, grad_sq: torch.Tensor | None = None) -> EstimatorOut:
+    """reverse_kl_sampled with the config's signal and stabilisers, on per-token vectors of the whole batch:
+    theta [N] = log π_θ(y_t) (grad), teacher_logp [N], mask [N] bool, behav_logp [N] (rollout-time log π_β),
+    grad_sq [N] = ‖e_y − p‖² (`logit_grad_sq`, needed iff baseline="vcpo"). Batch statistics (ESS, VCPO's
+    b*, M2PO's kept set) are over these N tokens, so a caller passes all of them at once."""
+    return reverse_kl_sampled(theta, teacher_logp, mask, behav_logp=behav_logp, signal=cfg.signal,
+                              correction=cfg.correction, is_cap=cfg.is_cap, clip_eps=cfg.clip_eps,
+                              m2po_tau=cfg.m2po_tau, baseline=cfg.baseline, grad_sq=grad_sq)
+
+
+def vocab_term(cfg: ObjectiveConfig, student_logits: torch.Tensor, cache: dict[str, torch.Tensor],
+               mask: torch.Tensor) -> EstimatorOut:
+    """A vocabulary estimator (forward_kl_topk, reverse_kl_topk, reverse_kl_mc) on student_logits [N, V] (grad),
+    cache from `flat_inputs`, mask [N] bool. The loss and metrics are masked token means of a per-token term,
+    so a caller may run it on row chunks and combine the chunks with weights n_c / N."""
     c = cfg.chunk_size
-    needs_theta = cfg.estimator == "reverse_kl_sampled" or cfg.ref_kl_coef > 0
-    theta = token_logp(student_logits, response_ids, mask, chunk_size=c) if needs_theta else None  # [N]
     if cfg.estimator == "forward_kl_topk":
-        out = fn(student_logits, cache["topk_ids"], cache["topk_logp"], mask, tail=cfg.tail, chunk_size=c)
-    elif cfg.estimator == "reverse_kl_topk":
-        out = fn(student_logits, cache["topk_ids"], cache["topk_logp"], mask, tail=cfg.tail, chunk_size=c)
-    elif cfg.estimator == "reverse_kl_mc":
-        stale = cache.get("sampler_logp")
-        out = fn(student_logits, cache["sample_ids"], cache["sample_logp"], mask, sample_logp=stale,
-                 self_normalize=cfg.self_normalize, chunk_size=c)
-    else:  # reverse_kl_sampled
-        grad_sq = logit_grad_sq(student_logits, response_ids, mask, chunk_size=c) if cfg.baseline == "vcpo" else None
-        out = fn(theta, cache["teacher_logp"], mask, behav_logp=behav_logp,
-                 signal=cfg.signal, correction=cfg.correction, is_cap=cfg.is_cap, clip_eps=cfg.clip_eps,
-                 m2po_tau=cfg.m2po_tau, baseline=cfg.baseline, grad_sq=grad_sq)
+        return forward_kl_topk(student_logits, cache["topk_ids"], cache["topk_logp"], mask, tail=cfg.tail,
+                               chunk_size=c)
+    if cfg.estimator == "reverse_kl_topk":
+        return reverse_kl_topk(student_logits, cache["topk_ids"], cache["topk_logp"], mask, tail=cfg.tail,
+                               chunk_size=c)
+    if cfg.estimator == "reverse_kl_mc":
+        return reverse_kl_mc(student_logits, cache["sample_ids"], cache["sample_logp"], mask,
+                             sample_logp=cache.get("sampler_logp"), self_normalize=cfg.self_normalize, chunk_size=c)
+    raise ValueError(f"vocab_term: {cfg.estimator!r} is not a vocabulary estimator (see sampled_term)")
+
+
+def add_reference_penalty(cfg: ObjectiveConfig, out: EstimatorOut, theta: torch.Tensor | None,
+                          ref_logp: torch.Tensor | None, mask: torch.Tensor | None) -> EstimatorOut:
+    """StableOPD: out.loss + ref_kl_coef · mean k3(log π_ref − log π_θ) on the sampled tokens
+    (`reference_kl_penalty`), theta [N] = log π_θ(y_t) (grad), ref_logp [N], mask [N] bool; the metrics gain
+    `ref_kl`. With ref_kl_coef = 0, `out` itself (theta, ref_logp and mask are not read)."""
     if cfg.ref_kl_coef == 0:
         return out
     if ref_logp is None:
-        raise ValueError("opd_loss: ref_kl_coef > 0 needs ref_logp, the reference model's log-prob of each token")
+        raise ValueError("ObjectiveConfig.ref_kl_coef > 0 needs ref_logp, the reference model's log-prob of each "
+                         "token")
     ref = reference_kl_penalty(theta, ref_logp, mask)
     return EstimatorOut(out.loss + cfg.ref_kl_coef * ref.loss, {**out.metrics, "ref_kl": ref.metrics["kl"]})
 
+
+def opd_loss(cfg: ObjectiveConfig, student_logits: torch.Tensor, response_ids: torch.Tensor,
+             cache: dict[str, torch.Tensor], mask: torch.Tensor, *, behav_logp: torch.Tensor | None = None,
+             ref_logp: torch.Tensor | None = None) -> EstimatorOut:
+    """The configured objective on flattened inputs: student_logits [N, V] (grad), response_ids [N],
+    cache from `flat_inputs`, mask [N] bool, behav_logp [N] (rollout-time log π_β), ref_logp [N] (reference
+    model on the sampled tokens; needed iff ref_kl_coef > 0). Returns the loss and the estimator's metrics,
+    plus `ref_kl` with the reference term: sampled_term or vocab_term, then add_reference_penalty."""
+    c = cfg.chunk_size
+    needs_theta = cfg.estimator == "reverse_kl_sampled" or cfg.ref_kl_coef > 0
+    theta = token_logp(student_logits, response_ids, mask, chunk_size=c) if needs_theta else None  # [N]
+    if cfg.estimator == "reverse_kl_sampled":
+        grad_sq = logit_grad_sq(student_logits, response_ids, mask, chunk_size=c) if cfg.baseline == "vcpo" else None
+        out = sampled_term(cfg, theta, cache["teacher_logp"], mask, behav_logp=behav_logp, grad_sq=grad_sq)
+    else:
+        out = vocab_term(cfg, student_logits, cache, mask)
+    return add_reference_penalty(cfg, out, theta, ref_logp, mask)

@@ -1,12 +1,15 @@
 """The objective layer: config validation, cache layout, and that opd_loss wires each estimator to the right
 cache fields (checked against independent computations on full distributions)."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from asyncopd.cache import TeacherScores
-from asyncopd.estimators import forward_kl_exact, reverse_kl_exact, token_logp
-from asyncopd.objective import ObjectiveConfig, cache_layout, flat_inputs, opd_loss
+from asyncopd.estimators import forward_kl_exact, logit_grad_sq, reverse_kl_exact, token_logp
+from asyncopd.objective import (TRAINABLE, ObjectiveConfig, add_reference_penalty, cache_layout, flat_inputs, opd_loss,
+                                sampled_term, vocab_term)
 
 V = 5
 
@@ -102,6 +105,55 @@ def test_reference_penalty_adds_coef_times_k3(case):
     assert pen.loss.item() == pytest.approx(base.loss.item() + 0.5 * k3, rel=1e-5)
     with pytest.raises(ValueError, match="ref_logp"):
         opd_loss(ObjectiveConfig("forward_kl_topk", topk=2, ref_kl_coef=0.5), student, ids, cache, mask)
+
+
+COMPOSED = {   # every TRAINABLE estimator, the sampled one with a correction and with VCPO's baseline
+    "forward_kl_topk": ObjectiveConfig("forward_kl_topk", topk=2, tail="renorm", chunk_size=3),
+    "reverse_kl_topk": ObjectiveConfig("reverse_kl_topk", topk=3, chunk_size=2),
+    "reverse_kl_sampled": ObjectiveConfig("reverse_kl_sampled", signal="stale", correction="m2po", m2po_tau=0.01),
+    "reverse_kl_sampled_vcpo": ObjectiveConfig("reverse_kl_sampled", correction="tis", baseline="vcpo", chunk_size=2),
+    "reverse_kl_mc": ObjectiveConfig("reverse_kl_mc", n_samples=4, chunk_size=4),
+}
+assert {c.estimator for c in COMPOSED.values()} == set(TRAINABLE)
+
+
+@pytest.mark.parametrize("ref_kl_coef", [0.0, 0.5])
+@pytest.mark.parametrize("name", list(COMPOSED))
+def test_opd_loss_is_the_composition_of_its_three_pieces(case, name, ref_kl_coef):
+    """opd_loss is sampled_term or vocab_term, then add_reference_penalty, bit for bit: the chunked FSDP head
+    composes the same pieces, so the two learners cannot drift apart."""
+    student, teacher, ids, mask = case
+    mask = mask.clone()
+    mask[4] = False
+    cfg = dataclasses.replace(COMPOSED[name], ref_kl_coef=ref_kl_coef)
+    g = torch.Generator().manual_seed(2)
+    sample_ids = torch.randint(0, V, (7, 4), generator=g)
+    sampler = torch.randn(7, V, generator=g).log_softmax(-1).gather(1, sample_ids)
+    cache = flat_inputs(scores_from_full(teacher, ids, min(cfg.topk, V), sample_ids, sampler))
+    theta0 = student.detach().log_softmax(-1).gather(1, ids[:, None]).squeeze(1)
+    behav = (theta0 + 0.3 * torch.randn(7, generator=g)).clamp_max(0)
+    ref_logp = (theta0 + 0.3 * torch.randn(7, generator=g)).clamp_max(0)
+    got = opd_loss(cfg, student, ids, cache, mask, behav_logp=behav, ref_logp=ref_logp)
+    got_grad, = torch.autograd.grad(got.loss, student)
+
+    c = cfg.chunk_size
+    theta = token_logp(student, ids, mask, chunk_size=c)
+    if cfg.estimator == "reverse_kl_sampled":
+        grad_sq = logit_grad_sq(student, ids, mask, chunk_size=c) if cfg.baseline == "vcpo" else None
+        want = sampled_term(cfg, theta, cache["teacher_logp"], mask, behav_logp=behav, grad_sq=grad_sq)
+    else:
+        want = vocab_term(cfg, student, cache, mask)
+    want = add_reference_penalty(cfg, want, theta, ref_logp, mask)
+    want_grad, = torch.autograd.grad(want.loss, student)
+    assert torch.equal(got.loss, want.loss) and torch.equal(got_grad, want_grad)
+    assert got.metrics == want.metrics and ("ref_kl" in got.metrics) == (ref_kl_coef > 0)
+
+
+def test_vocab_term_refuses_the_sampled_estimator(case):
+    student, teacher, ids, mask = case
+    with pytest.raises(ValueError, match="sampled_term"):
+        vocab_term(ObjectiveConfig("reverse_kl_sampled"), student, flat_inputs(scores_from_full(teacher, ids, 2)),
+                   mask)
 
 
 def test_token_logp_chunked_matches_log_softmax(case):

@@ -9,12 +9,12 @@ so forward and backward each hold a few [chunk, V] tensors and never [N, V] floa
 What is computed per chunk depends on the estimator, and both cases are exact:
 
     reverse_kl_sampled, and StableOPD's reference term: the per-token log π_θ(y_t) [N] is all they read (and,
-        for VCPO's baseline, ‖e_y − p‖² [N], `logit_grad_sq`), so the chunks only produce those vectors and the
-        estimator then runs on all N tokens at once. Its batch statistics (ESS, VCPO's ESS/N and baseline b*,
-        M2PO's kept set) are those of the whole batch.
+        for VCPO's baseline, ‖e_y − p‖² [N], `logit_grad_sq`), so the chunks only produce those vectors and
+        `asyncopd.objective.sampled_term` / `add_reference_penalty` then run on all N tokens at once. Their
+        batch statistics (ESS, VCPO's ESS/N and baseline b*, M2PO's kept set) are those of the whole batch.
     forward_kl_topk, reverse_kl_topk, reverse_kl_mc: the loss is a mean over tokens of a per-token term, so
-        each chunk runs the estimator itself (`asyncopd.objective.opd_loss` on the chunk's logits) and the chunk
-        means are combined with weights n_c / N; their metrics are token means too and combine the same way.
+        each chunk runs the estimator itself (`asyncopd.objective.vocab_term` on the chunk's logits) and the
+        chunk means are combined with weights n_c / N; their metrics are token means too and combine the same way.
 
 Data parallel (`group` = the ranks that split the batch's trajectories): the returned loss has the *value* of
 the whole batch's objective and the *gradient* of this rank's share of it, so that FSDP2's average over
@@ -31,7 +31,6 @@ peak memory of one learner step falls from 1714 MiB with [N, V] logits to 849 Mi
 
 from __future__ import annotations
 
-import dataclasses
 from functools import partial
 
 import torch
@@ -40,8 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from asyncopd.estimators import EstimatorOut, logit_grad_sq, reference_kl_penalty, reverse_kl_sampled, token_logp
-from asyncopd.objective import ObjectiveConfig, opd_loss
+from asyncopd.estimators import EstimatorOut, logit_grad_sq, token_logp
+from asyncopd.objective import ObjectiveConfig, add_reference_penalty, sampled_term, vocab_term
 
 DEFAULT_CHUNK_TOKENS = 1024   # rows of lm-head logits per chunk: 4·1024·V bytes per fp32 [chunk, V] temporary
 
@@ -101,16 +100,16 @@ def head_token_logp(hidden, weight, ids, *, chunk_tokens: int = DEFAULT_CHUNK_TO
     return head_token_terms(hidden, weight, ids, chunk_tokens=chunk_tokens)[0]
 
 
-def _vocab_loss(cfg, hidden, weight, ids, cache, mask, chunk_tokens):
+def _vocab_loss(cfg, hidden, weight, cache, mask, chunk_tokens):
     """A vocabulary estimator chunk by chunk: (Σ_c n_c·loss_c [0-dim, grad], {metric: Σ_c n_c·m_c}, Σ_c n_c),
-    n_c = masked tokens of chunk c. `opd_loss` runs on each chunk's [c, V] logits (rows chunked again inside)."""
+    n_c = masked tokens of chunk c. `vocab_term` runs on each chunk's [c, V] logits (rows chunked again inside)."""
     keys = sorted(cache)
 
-    def chunk_loss(h, w, y, m, *fields):
-        out = opd_loss(cfg, F.linear(h, w), y, dict(zip(keys, fields)), m)
+    def chunk_loss(h, w, m, *fields):
+        out = vocab_term(cfg, F.linear(h, w), dict(zip(keys, fields)), m)
         return out.loss, out.metrics
 
-    pieces = _chunked(chunk_loss, hidden, ids, mask, *(cache[k] for k in keys), chunk_tokens=chunk_tokens,
+    pieces = _chunked(chunk_loss, hidden, mask, *(cache[k] for k in keys), chunk_tokens=chunk_tokens,
                       consts=(weight,))
     n_c = [int(m.sum()) for m in mask.split(chunk_tokens)]
     total = sum(n * loss for n, (loss, _) in zip(n_c, pieces))
@@ -156,9 +155,7 @@ def chunked_opd_loss(cfg: ObjectiveConfig, hidden: torch.Tensor, weight: torch.T
     rest of the batch's tokens) the value and metrics are the whole batch's and the gradient this rank's share."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    if cfg.ref_kl_coef > 0 and ref_logp is None:
-        raise ValueError("chunked_opd_loss: ref_kl_coef > 0 needs ref_logp, the reference model's log-prob of "
-                         "each token")
+    theta_all, vec, mask_all = None, {}, None
     needs_theta = cfg.estimator == "reverse_kl_sampled" or cfg.ref_kl_coef > 0
     if needs_theta:                                           # [n] log π_θ(y_t) (grad), [n] ‖e_y − p‖² or None
         theta, grad_sq = head_token_terms(hidden, weight, ids, chunk_tokens=chunk_tokens,
@@ -167,13 +164,10 @@ def chunked_opd_loss(cfg: ObjectiveConfig, hidden: torch.Tensor, weight: torch.T
         theta_all, vec, mask_all = _per_token_inputs(theta, {k: v for k, v in vectors.items() if v is not None},
                                                      mask, group)
     if cfg.estimator == "reverse_kl_sampled":
-        out = reverse_kl_sampled(theta_all, vec["teacher"], mask_all, behav_logp=vec.get("behav"),
-                                 signal=cfg.signal, correction=cfg.correction, is_cap=cfg.is_cap,
-                                 clip_eps=cfg.clip_eps, m2po_tau=cfg.m2po_tau, baseline=cfg.baseline,
-                                 grad_sq=vec.get("grad_sq"))
+        out = sampled_term(cfg, theta_all, vec["teacher"], mask_all, behav_logp=vec.get("behav"),
+                           grad_sq=vec.get("grad_sq"))
     else:
-        total, sums, n = _vocab_loss(dataclasses.replace(cfg, ref_kl_coef=0.0), hidden, weight, ids, cache, mask,
-                                     chunk_tokens)
+        total, sums, n = _vocab_loss(cfg, hidden, weight, cache, mask, chunk_tokens)
         keys = sorted(sums)
         if group is None:
             loss = total / max(n, 1)
@@ -185,7 +179,4 @@ def chunked_opd_loss(cfg: ObjectiveConfig, hidden: torch.Tensor, weight: torch.T
             loss = total / n
             loss = loss + (whole / n - loss.detach())         # value: the whole batch; gradient: this rank's share
         out = EstimatorOut(loss, {k: sums[k] / max(n, 1) for k in keys})
-    if cfg.ref_kl_coef == 0:
-        return out
-    ref = reference_kl_penalty(theta_all, vec["ref"], mask_all)
-    return EstimatorOut(out.loss + cfg.ref_kl_coef * ref.loss, {**out.metrics, "ref_kl": ref.metrics["kl"]})
+    return add_reference_penalty(cfg, out, theta_all, vec.get("ref"), mask_all)
