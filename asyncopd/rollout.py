@@ -11,9 +11,12 @@ fill in the tensors.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 
 FINISH_REASONS = ("stop", "length")  # stop token sampled | truncated at the maximum response length
 
@@ -100,3 +103,31 @@ class Batch:
     @property
     def n_tokens(self) -> int:
         return sum(t.n_tokens for t in self.trajs)
+
+
+def scored_tokens(trajs: list[Trajectory]) -> int:
+    """Positions a teacher forwards for these trajectories (prompt + response): the `tokens` of a trace event."""
+    return sum(len(t.prompt_ids) + t.n_tokens for t in trajs)
+
+
+TENSOR_FIELDS = ("prompt_ids", "response_ids", "behav_logp", "token_versions", "student_topk_ids",
+                 "student_topk_logp", "sample_ids", "sample_behav_logp")
+SCALAR_FIELDS = ("uid", "behav_version", "n_tokens", "finish_reason", "prompt_key", "admit_version")
+
+
+def dump_trajectories(trajs: list[Trajectory]) -> bytes:
+    """Trajectories as the bytes of one safetensors file: tensors named "<i>/<field>", scalars as JSON in the
+    metadata. Nothing in it is executed on load (no pickle), so a run folder from elsewhere is safe to resume."""
+    tensors = {f"{i}/{name}": getattr(t, name).contiguous() for i, t in enumerate(trajs)
+               for name in TENSOR_FIELDS if getattr(t, name) is not None}
+    meta = {"trajectories": json.dumps([{name: getattr(t, name) for name in SCALAR_FIELDS} for t in trajs])}
+    return save(tensors, metadata=meta)
+
+
+def load_trajectories(path) -> list[Trajectory]:
+    """The trajectories in a file holding `dump_trajectories` bytes (each checked by Trajectory's own validation)."""
+    with safe_open(str(path), framework="pt") as f:
+        scalars = json.loads(f.metadata()["trajectories"])
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    return [Trajectory(**s, **{name: tensors.get(f"{i}/{name}") for name in TENSOR_FIELDS})
+            for i, s in enumerate(scalars)]

@@ -131,11 +131,12 @@ def read(path) -> pd.DataFrame:
     return _validated(df, str(path))
 
 
-def to_perfetto(events_or_frame, path) -> None:
+def to_perfetto(events_or_frame, path, other: dict | None = None) -> None:
     """Write Chrome/Perfetto trace-event JSON: a process per role, a thread per worker, times in µs.
 
     Spans (dur_s > 0) are "X" complete events, instants are thread-scoped "i" events; `args` holds the
-    version/uid/n_seqs/tokens/bytes/staleness columns that differ from their defaults."""
+    version/uid/n_seqs/tokens/bytes/staleness columns that differ from their defaults. `other` (JSON-able) becomes
+    the file's `otherData`: the run's metadata, shown by the viewer."""
     df = _frame(events_or_frame)
     pid = {role: i + 1 for i, role in enumerate(ROLES)}
     out = []
@@ -156,7 +157,8 @@ def to_perfetto(events_or_frame, path) -> None:
         ev["args"] = {c: e[c] for c in arg_cols if e[c] != DEFAULTS[c]}
         out.append(ev)
     path = Path(path)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps({"traceEvents": out})))
+    doc = {"traceEvents": out, **({"otherData": other} if other else {})}
+    atomic_write(path, json.dumps(doc, default=str))
 
 
 @dataclass

@@ -54,9 +54,10 @@ import pandas as pd
 
 from asyncopd import trace
 from asyncopd.scheduler import Scheduler, SchedulerConfig
-from backends.toy import batch_monitors, build_models, config_digest
+from backends.session import batch_monitors, config_digest
+from backends.toy import build_models
 from backends.toy_concurrent import CRASH_ENV, admit_round, parse_eta, write_tables
-from backends.vllm_fsdp.weight_sync import DEFAULT_BUCKET_BYTES
+from backends.weight_sync import DEFAULT_BUCKET_BYTES
 
 log = logging.getLogger(__name__)
 WAIT_S = 1.0                    # longest ray.wait before the loop looks again

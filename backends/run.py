@@ -25,9 +25,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from asyncopd.objective import ObjectiveConfig
+from asyncopd.scheduler import SchedulerConfig
 from backends.ray_run import RayConfig, check_fits
-from backends.toy import ToyConfig, parse_staleness
-from backends.toy_concurrent import ConcurrentConfig, parse_eta
+from backends.toy import ToyConfig
+from backends.toy_concurrent import ConcurrentConfig
 from backends.vllm_fsdp.config import RealConfig
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ class RunConfig:
     exec: str = "lockstep"               # lockstep: one process, deterministic | concurrent: processes, wall clock
                                          # | ray: the roles as Ray actors (local instance or a cluster)
     staleness: str = "fixed:0"           # lockstep: fixed:k = every batch k versions old, or schedule:<file> = replay
-                                         # a sim.run schedule; concurrent and ray: η (0 = sync)
+                                         # a sim.run schedule; concurrent and ray: η (0 = sync). Parsed once, by
+                                         # SchedulerConfig.parse, into `scheduler`
     steps: int = 100                     # learner steps, >= 1
     seed: int = 0                        # prompts and sampling; models have their own toy.model_seed
     resume: bool = False                 # continue from the last checkpoint in the output folder
@@ -61,14 +63,44 @@ class RunConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
-        parse_eta(self.staleness) if self.exec in ("concurrent", "ray") else parse_staleness(self.staleness)
+        self.scheduler = self._parse_staleness()       # not a field: derived, so not in asdict or the digest
         if self.exec == "ray":
             check_fits(self.ray, self.concurrent)
         if self.toy.mixture_frac and self.exec != "lockstep":
             raise ValueError(f"toy.mixture_frac > 0 (rollout mixture) runs with exec=lockstep only, got exec={self.exec!r}")
-        if self.backend == "vllm_fsdp" and (self.exec != "lockstep" or str(self.staleness).startswith("schedule:")):
+        if self.backend == "vllm_fsdp" and (self.exec != "lockstep" or self.schedule_file is not None):
             raise ValueError(f"backend=vllm_fsdp runs with exec=lockstep and staleness=fixed:<k> (got exec={self.exec}, "
                              f"staleness={self.staleness}); exec=ray runs the toy engines only so far")
+
+    @property
+    def schedule_file(self) -> str | None:
+        """The file of staleness=schedule:<file>, else None."""
+        head, _, rest = str(self.staleness).partition(":")
+        return rest if head == "schedule" else None
+
+    def _parse_staleness(self) -> SchedulerConfig:
+        """The scheduler of this run: fixed:k for lockstep, η for concurrent and Ray, or a schedule file's own
+        config (lockstep replay). The batch the scheduler sees excludes the rollout mixture's teacher samples."""
+        if self.schedule_file is not None:
+            if self.exec != "lockstep":
+                raise ValueError(f"staleness=schedule:<file> replays a simulator schedule with exec=lockstep only, "
+                                 f"got exec={self.exec!r}")
+            from backends.replay import load_schedule
+            return load_schedule(self.schedule_file, self.toy.batch_size, self.steps)["scheduler"]
+        try:
+            sched = SchedulerConfig.parse(self.staleness, batch_size=self.toy.batch_size - self.toy.n_mixture,
+                                          on_stale=self.concurrent.on_stale)
+        except ValueError as err:
+            raise ValueError(f"staleness: {err}; exec=lockstep takes fixed:<k> or schedule:<file> (from python -m "
+                             f"sim.run schedule=true), exec=concurrent and exec=ray take an integer η") from None
+        if self.exec == "lockstep" and sched.fixed_staleness is None:
+            raise ValueError(f"exec=lockstep takes staleness=fixed:<k> (every batch k versions old) or "
+                             f"schedule:<file>, got {self.staleness!r}; an integer η is for exec=concurrent or ray")
+        if self.exec != "lockstep" and sched.fixed_staleness is not None:
+            raise ValueError(f"exec={self.exec} takes staleness=<η>, an integer >= 0 (the bounded-async "
+                             f"scheduler's max_staleness; 0 = synchronous), got {self.staleness!r}; fixed:k is "
+                             f"lockstep-only")
+        return sched
 
 
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
@@ -76,21 +108,21 @@ ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 def run(cfg: RunConfig, out_dir: Path):
     if cfg.backend == "vllm_fsdp":
-        from backends import toy
+        from backends import lockstep
         from backends.vllm_fsdp.parts import lockstep_parts
-        return toy.run(cfg, out_dir, parts=lockstep_parts)
+        return lockstep.run(cfg, out_dir, parts=lockstep_parts)
     if cfg.backend == "toy" and cfg.exec == "ray":
         from backends import ray_run
         return ray_run.run(cfg, out_dir)
     if cfg.backend == "toy" and cfg.exec == "concurrent":
         from backends import toy_concurrent
         return toy_concurrent.run(cfg, out_dir)
-    if cfg.backend == "toy" and str(cfg.staleness).startswith("schedule:"):
-        from backends import toy_replay
-        return toy_replay.run(cfg, out_dir, schedule=str(cfg.staleness).partition(":")[2])
+    if cfg.backend == "toy" and cfg.schedule_file is not None:
+        from backends import replay
+        return replay.run(cfg, out_dir)
     if cfg.backend == "toy":
-        from backends import toy
-        return toy.run(cfg, out_dir)
+        from backends import lockstep
+        return lockstep.run(cfg, out_dir)
     raise ValueError(f"unknown backend {cfg.backend!r}")
 
 

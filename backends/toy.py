@@ -1,59 +1,25 @@
-"""The toy backend's lockstep run: tiny GPT-2 on-policy distillation on a CPU (or one GPU), reproducibly.
+"""The toy backend's roles: tiny GPT-2 teacher and student on a sort task, on a CPU (or one GPU).
 
-One process plays rollout, teacher and learner in the order the shared scheduler decides. With
-`staleness=fixed:k` every batch at learner version v is sampled with the weights of version max(0, v − k),
-kept in a ring of the last k+1 versions, so staleness is exact (k once v ≥ k). Per learner step:
-
-    admit B rollouts (scheduler) -> generate them with the ring's weights -> teacher scores -> learner step
-    -> new version into the ring -> metrics row (+ held-out greedy accuracy every eval_every steps)
-
-Rollout mixture (StableOPD, Luo et al. 2026, arXiv 2604.08527): with `toy.mixture_frac` = f > 0, the last
-m = round(f·B) prompts of each step are answered by the teacher itself (sampled at T = 1, behaviour log-probs
-log π_T) instead of the student, scored by the teacher like every rollout and trained on with the same
-objective in the same batch: B − m student rollouts + m teacher rollouts, one token-mean loss. The monitors
-(length, truncation, repetition, train accuracy, staleness) describe the student's B − m rollouts only; the
-teacher's are summarised as mixture_len_mean and mixture_accuracy.
-
-Everything random is a function of (seed, step, uid): the prompts of step v come from seed (seed, v), each
-rollout's tokens from the engine's counter-based RNG keyed by its uid. With a checkpoint after every
-ckpt_every steps this makes a resumed run, even after `kill -9`, finish with the same metrics as one that was
-never interrupted (CPU; wall-clock columns aside). A non-finite loss stops the run with a message naming the
-step; the last checkpoint is the last good state.
-
-Outputs (in out_dir): metrics.csv, trace.csv + trace.json (Perfetto), checkpoint/, and TensorBoard scalars
-under tb/ with logger=tensorboard. Entry point: `python -m backends.run backend=toy ...` (backends/run.py).
+`ToyConfig` (the `toy.*` keys of a run) describes the task, the two models (trained here once and cached as
+safetensors, nothing downloaded), the rollout batch, the learner and the evaluation cadence. `build_models`
+loads or trains the pair; `lockstep_parts` builds the roles of a one-process run (lockstep and schedule
+replay: backends/lockstep.py, backends/replay.py); `mixture_engine` is the rollout mixture's teacher sampler.
+The concurrent and Ray runs build the same roles inside their worker processes and actors.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
-import numpy as np
-import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
-from asyncopd import trace
-from asyncopd.estimators import forward_kl_exact, ngram_repetition, reverse_kl_exact, truncation_rate
 from asyncopd.objective import cache_layout
-from asyncopd.rollout import Batch
-from asyncopd.scheduler import Scheduler, SchedulerConfig
-from backends import checkpoint
 from backends.evaluate import Evaluator
 from backends.toy_engine import ToyRolloutEngine
 from backends.toy_learner import ToyLearner
-from backends.toy_models import (STUDENT_SFT, TEACHER_SFT, ModelSpec, load_or_train_teacher,
-                                 load_or_warmup_student, response_logits)
-from backends.toy_task import HELDOUT_SEED, SortTask
-from backends.toy_teacher import ToyTeacher, scored_tokens
-
-log = logging.getLogger(__name__)
-WALL_CLOCK_COLUMNS = ("step_s", "rollout_s", "teacher_s", "learner_s", "samples_per_s")  # not reproducible
+from backends.toy_models import STUDENT_SFT, TEACHER_SFT, ModelSpec, load_or_train_teacher, load_or_warmup_student
+from backends.toy_task import SortTask
+from backends.toy_teacher import ToyTeacher
 
 
 @dataclass
@@ -138,36 +104,6 @@ def build_models(toy: ToyConfig):
     return task, teacher, student, {"teacher": t_info, "student": s_info}
 
 
-def parse_staleness(spec: str) -> int | str:
-    """'fixed:k' -> k; 'schedule:<file>' -> the file (a simulator schedule, replayed by backends/toy_replay.py)."""
-    head, _, k = str(spec).partition(":")
-    if head == "fixed" and k.isdigit():
-        return int(k)
-    if head == "schedule" and k:
-        return k
-    raise ValueError(f"exec=lockstep takes staleness='fixed:<k>' with an integer k >= 0 or 'schedule:<file>' "
-                     f"(from python -m sim.run schedule=true), got {spec!r}")
-
-
-def config_digest(cfg) -> str:
-    """What a resumed run must share with the one it continues: everything but steps, resume, logger and the Ray
-    placement (a run may move from a local instance to a cluster), and the vllm_fsdp keys of a toy run."""
-    skip = {"steps", "resume", "logger", "ray"} | ({"vllm_fsdp"} if cfg.backend == "toy" else set())
-    keep = {k: v for k, v in asdict(cfg).items() if k not in skip}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def batch_monitors(task: SortTask, batch) -> dict[str, float]:
-    """Per-batch monitors every toy run logs: staleness, response length, and StableOPD's length-inflation
-    signals (truncation rate, 3-gram repetition), plus the batch's exact-match rate against the verifier."""
-    lengths = [t.n_tokens for t in batch.trajs]
-    return {"staleness_mean": float(np.mean(batch.staleness)), "staleness_max": max(batch.staleness),
-            "response_len_mean": float(np.mean(lengths)), "response_len_max": max(lengths),
-            "truncation_rate": truncation_rate([t.finish_reason for t in batch.trajs]),
-            "repetition_rate": float(np.mean([ngram_repetition(t.response_ids, 3) for t in batch.trajs])),
-            "train_accuracy": float(np.mean([task.verify(t.prompt_ids, t.response_ids) for t in batch.trajs]))}
-
-
 def mixture_engine(task: SortTask, teacher_model, toy: ToyConfig, *, seed: int, capture_samples: int,
                    device) -> ToyRolloutEngine:
     """The rollout mixture's sampler: the teacher at T = 1 (its own distribution, so behav_logp = log π_T),
@@ -176,21 +112,12 @@ def mixture_engine(task: SortTask, teacher_model, toy: ToyConfig, *, seed: int, 
                             eos_id=task.eos_id, seed=seed, capture_samples=capture_samples, device=device)
 
 
-def mixture_monitors(task: SortTask, toy: ToyConfig, mixed: list) -> dict[str, float]:
-    """The mixture's columns: mixture_frac always (0.0 = plain OPD); with teacher rollouts in the batch, their
-    mean length and exact-match rate (the teacher samples at T = 1, so it is not always right)."""
-    if not mixed:
-        return {"mixture_frac": toy.mixture_frac}
-    return {"mixture_frac": toy.mixture_frac, "mixture_len_mean": float(np.mean([t.n_tokens for t in mixed])),
-            "mixture_accuracy": float(np.mean([task.verify(t.prompt_ids, t.response_ids) for t in mixed]))}
-
-
 def lockstep_parts(cfg):
     """(task, engine, teacher, learner, evaluate, model_info) of a one-process run (lockstep and its schedule
     replay): torch threads and device from cfg.toy, the cached models, and the engine capturing what the
     objective's cache layout needs."""
     toy = cfg.toy
-    if toy.mixture_frac > 0 and str(cfg.staleness).startswith("schedule:"):
+    if toy.mixture_frac > 0 and cfg.schedule_file is not None:
         raise ValueError("toy.mixture_frac > 0 runs with exec=lockstep staleness=fixed:<k> only, not a schedule replay")
     if toy.threads:
         torch.set_num_threads(toy.threads)
@@ -205,119 +132,3 @@ def lockstep_parts(cfg):
                          weight_decay=toy.weight_decay, grad_clip=toy.grad_clip, vcpo_lr=toy.vcpo_lr)
     evaluate = Evaluator(task, student_model, teacher.model, n_prompts=toy.eval_prompts, seed=cfg.seed, device=device)
     return task, engine, teacher, learner, evaluate, model_info
-
-
-def run(cfg, out_dir: Path, parts=lockstep_parts) -> pd.DataFrame:
-    """One lockstep run; `cfg` is a backends.run.RunConfig. Returns the metrics table (also in metrics.csv).
-    `parts(cfg)` builds the roles: the toy engines by default, vLLM + FSDP2 with backends.vllm_fsdp.parts."""
-    toy, objective = cfg.toy, cfg.objective
-    k = parse_staleness(cfg.staleness)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    task, engine, teacher, learner, evaluate, model_info = parts(cfg)
-    topk, n_samples = cache_layout(objective)
-    B = toy.batch_size
-    weight_bytes = sum(p.numel() * p.element_size() for p in learner.model.parameters())
-
-    # --- start or resume --------------------------------------------------------------------------------
-    ckpt_root, digest = out_dir / "checkpoint", config_digest(cfg)
-    resumed = cfg.resume and learner.resume_checkpoint(ckpt_root, digest=digest)
-    if resumed:
-        resume_from, ring, state = resumed
-        start = state["version"]
-        rows = pd.read_csv(out_dir / "metrics.csv").query("step <= @start").to_dict("records")
-        events = trace.from_frame(trace.read(out_dir / "trace.csv").iloc[:state["n_events"]])
-        log.info("resumed from %s at version %d", resume_from, start)
-    else:
-        if cfg.resume:
-            log.info("resume=true but no checkpoint under %s: starting from scratch", ckpt_root)
-        start, ring, events = 0, {0: learner.state_dict()}, []
-        rows = [{"step": 0, "version": 0, "estimator": objective.name, "staleness_k": k,
-                 **evaluate(learner.model, ring[0], 0)}]
-    n_student = B - toy.n_mixture                              # the rest of each batch is the teacher's (mixture)
-    mixture = mixture_engine(task, teacher.model, toy, seed=cfg.seed, capture_samples=n_samples,
-                             device=engine.device) if toy.n_mixture else None
-    sched = Scheduler(SchedulerConfig(batch_size=n_student, fixed_staleness=k), version=start)
-    recorder = trace.Recorder(time.monotonic, origin=time.monotonic() - (events[-1].t if events else 0.0),
-                              events=events)
-    writer = _tensorboard(out_dir) if cfg.logger == "tensorboard" else None
-
-    def save_outputs(version: int) -> None:
-        pd.DataFrame(rows).to_csv(out_dir / "metrics.csv.tmp", index=False)
-        Path(out_dir / "metrics.csv.tmp").replace(out_dir / "metrics.csv")
-        trace.write(recorder.events, out_dir / "trace.csv")
-        learner.save_checkpoint(ckpt_root, version=version, ring=ring,
-                                state={"config_digest": digest, "n_events": len(recorder.events)})
-
-    # --- the loop: one learner step per iteration -------------------------------------------------------
-    for v in tqdm(range(start, cfg.steps), desc=f"{objective.name} k={k}", initial=start, total=cfg.steps):
-        t_step = time.monotonic()
-        versions = [sched.try_admit() for _ in range(n_student)]
-        w = versions[0]                                        # fixed:k admits a whole batch at max(0, v − k)
-        for _ in versions:
-            recorder.instant("admit", version=w)
-        if engine.version != w or v == start:
-            t0 = recorder.now()
-            engine.load_weights(ring[w], w)
-            recorder.span("weight_sync", t0, version=w, bytes=weight_bytes)
-        prompts = task.make_prompts(B, seed=cfg.seed * 1_000_003 + v)
-        t0 = recorder.now()
-        trajs = engine.generate(prompts[:n_student], list(range(v * B, v * B + n_student)))
-        for traj in trajs:                                     # lockstep generates the batch at once
-            recorder.span("rollout", t0, uid=traj.uid, version=traj.behav_version, tokens=traj.n_tokens)
-            sched.on_rollout_done(traj)
-        batch = sched.next_batch()                             # the student's rollouts: what the monitors describe
-        mixed = mixture.generate(prompts[n_student:], list(range(v * B + n_student, (v + 1) * B))) if mixture else []
-        train = Batch(batch.trajs + mixed, batch.version, batch.n_dropped) if mixed else batch
-        rollout_s = recorder.now() - t0
-
-        t0 = recorder.now()
-        scores = teacher.score(train.trajs, topk=topk, n_samples=n_samples)
-        teacher_s = recorder.now() - t0
-        recorder.span("teacher", t0, n_seqs=len(train), tokens=scored_tokens(train.trajs))
-        t0 = recorder.now()
-        try:
-            metrics = learner.step(train, scores)
-        except FloatingPointError as err:
-            last = checkpoint.latest(ckpt_root)
-            raise RuntimeError(f"training diverged at step {v + 1}: {err}. The last good checkpoint is "
-                               f"{last} (resume=true continues from it)") from err
-        learner_s = recorder.now() - t0
-        version = sched.on_learner_step()
-        recorder.span("learner_step", t0, version=version, n_seqs=len(batch), tokens=batch.n_tokens,
-                      staleness=float(np.mean(batch.staleness)))
-        ring[version] = learner.state_dict()
-        for old in [u for u in ring if u < version - k]:
-            del ring[old]
-
-        step_s = time.monotonic() - t_step
-        row = {"step": version, "version": version, "estimator": objective.name, "staleness_k": k,
-               **batch_monitors(task, batch), **mixture_monitors(task, toy, mixed), **metrics,
-               "ess": metrics.get("ess", float("nan")), "step_s": step_s, "rollout_s": rollout_s,
-               "teacher_s": teacher_s, "learner_s": learner_s,
-               "samples_per_s": B / step_s}
-        if version % toy.eval_every == 0 or version == cfg.steps:
-            row.update(evaluate(learner.model, ring[version], version))
-        rows.append(row)
-        if writer is not None:
-            for key, val in row.items():
-                if isinstance(val, (int, float)) and key != "step":
-                    writer.add_scalar(key, val, version)
-        if version % toy.ckpt_every == 0 or version == cfg.steps:
-            save_outputs(version)
-
-    if start >= cfg.steps:
-        log.info("nothing to do: the checkpoint is already at step %d >= steps=%d", start, cfg.steps)
-    trace.to_perfetto(recorder.events, out_dir / "trace.json")
-    (out_dir / "models.json").write_text(json.dumps(model_info, indent=1, default=str))
-    if writer is not None:
-        writer.close()
-    return pd.DataFrame(rows)
-
-
-def _tensorboard(out_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as err:
-        raise ImportError("logger=tensorboard needs the tensorboard package: pip install -e '.[tensorboard]'") from err
-    return SummaryWriter(str(out_dir / "tb"))

@@ -56,7 +56,8 @@ from asyncopd.objective import cache_layout
 from asyncopd.scheduler import Scheduler, SchedulerConfig
 from backends import checkpoint
 from backends.evaluate import Evaluator
-from backends.toy import batch_monitors, build_models, config_digest
+from backends.session import batch_monitors, config_digest
+from backends.toy import build_models
 from backends.toy_engine import ToyRolloutEngine
 from backends.toy_learner import ToyLearner
 from backends.toy_teacher import ToyTeacher, scored_tokens

@@ -14,7 +14,8 @@ from hydra import compose, initialize_config_dir
 from asyncopd.objective import ObjectiveConfig
 from backends import checkpoint
 from backends.run import RunConfig, run
-from backends.toy import WALL_CLOCK_COLUMNS, ToyConfig
+from backends.session import WALL_CLOCK_COLUMNS
+from backends.toy import ToyConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(n_symbols=4, max_len=4, teacher_layers=1, teacher_width=32, student_layers=1, student_width=16, n_head=2,

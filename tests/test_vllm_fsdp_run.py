@@ -13,7 +13,8 @@ from asyncopd import trace
 from asyncopd.objective import ObjectiveConfig
 from backends import toy
 from backends.run import RunConfig
-from backends.toy import WALL_CLOCK_COLUMNS, ToyConfig
+from backends.session import WALL_CLOCK_COLUMNS
+from backends.toy import ToyConfig
 from backends.vllm_fsdp.config import RealConfig
 from backends.vllm_fsdp.fsdp_learner import FSDPLearner
 from backends.vllm_fsdp.parts import lockstep_parts
