@@ -47,6 +47,7 @@ from asyncopd.cache import bytes_per_token, full_logits_bytes_per_token
 from asyncopd.estimators import TAILS
 from asyncopd.objective import ObjectiveConfig, cache_layout
 from asyncopd.rollout import Batch
+from asyncopd.scheduler import SchedulerConfig
 from backends import toy
 from backends.run import RunConfig
 from backends.toy_engine import ToyRolloutEngine
@@ -56,11 +57,11 @@ from backends.toy_teacher import ToyTeacher
 from studies import cells as cells_lib
 from studies import cache_estimators_grads as grads
 from studies.cache_estimators_grads import SyntheticConfig
+from studies.cells import PRESETS, markdown, preset
 
 plt.switch_backend("Agg")
 log = logging.getLogger(__name__)
 
-PRESET_DIR = Path(__file__).resolve().parents[1] / "conf" / "estimator"
 GRAD_PROMPT_SEED = 2**30                # prompts of the gradient comparison (+ seed); training uses seed·1_000_003 + v
 TRAIN_LAYOUTS = {                       # trainable layouts: name -> ObjectiveConfig fields (the cache each one needs)
     "teacher_top1_bucket": dict(estimator="forward_kl_topk", topk=1, tail="bucket"),
@@ -94,13 +95,10 @@ class Config:
     train_staleness: list[int] = field(default_factory=lambda: [0, 8])   # fixed k of the training cells, >= 0
     train_seeds: list[int] = field(default_factory=lambda: [0])
     steps: int = 150                     # learner steps per training cell, >= 1
-    lr: float = 1e-4                     # learner lr of cells and of the drift run; toy.lr must equal it
-    eval_every: int = 10                 # held-out eval every this many steps; toy.eval_every must equal it
-    eval_prompts: int = 512              # held-out prompts; toy.eval_prompts must equal it
     workers: int = 2                     # training cells in parallel, one single-threaded process each
     scale: str = "default"               # default | smoke (set by the `scale` config group)
     cells_dir: str = "cells"             # one folder per training cell; the YAML puts it in Hydra's run folder
-    toy: toy.ToyConfig = field(default_factory=toy.ToyConfig)
+    toy: toy.ToyConfig = field(default_factory=toy.ToyConfig)   # its lr also drives the drift run
 
     def __post_init__(self):
         cells_lib.check_distinct_ints(self, ("ks", "ms"), lo=1)
@@ -113,10 +111,9 @@ class Config:
         V = self.toy.n_symbols + 4
         if too_big := [n for n in t if TRAIN_LAYOUTS[n].get("topk", 0) > V]:
             raise ValueError(f"train_layouts {too_big} keep more teacher top-k than the toy vocabulary ({V})")
-        preset_ok = (PRESET_DIR / f"{self.drift_estimator}.yaml").exists()
         for name, ok, rule in (
                 ("draws", self.draws >= 2, ">= 2"), ("target_rmse", self.target_rmse > 0, "> 0"),
-                ("drift_estimator", preset_ok, "a file of conf/estimator/"),
+                ("drift_estimator", self.drift_estimator in PRESETS, "a file of conf/estimator/"),
                 ("real_vocab", self.real_vocab >= max(self.ks), f">= max(ks) = {max(self.ks)}"),
                 ("real_response_len", self.real_response_len >= 1, ">= 1"),
                 ("real_batch", self.real_batch >= 1, ">= 1"), ("link_gbit_s", self.link_gbit_s > 0, "> 0"),
@@ -126,14 +123,9 @@ class Config:
                 raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
         if self.toy.temperature != 1:
             raise ValueError(f"toy.temperature must be 1 (π_β is compared at T = 1), got {self.toy.temperature}")
-        cells_lib.check_toy_follows(self)
 
 
 ConfigStore.instance().store(name="cache_estimators_schema", node=Config)
-
-
-def preset(name: str) -> ObjectiveConfig:
-    return ObjectiveConfig(**OmegaConf.to_container(OmegaConf.load(PRESET_DIR / f"{name}.yaml")))
 
 
 # --- 1. gradients -------------------------------------------------------------------------------------------
@@ -141,7 +133,7 @@ def preset(name: str) -> ObjectiveConfig:
 def toy_settings(cfg: Config):
     """Yield (k, Positions, project) per staleness k: rollouts of the student K − k versions old (K = max k) on
     the same prompts, the current student's logits at version K. Versions come from a K-step on-policy run of
-    `drift_estimator` at lr; `project` maps a logit gradient to the flat parameter gradient (the batch's)."""
+    `drift_estimator` at toy.lr; `project` maps a logit gradient to the flat parameter gradient (the batch's)."""
     task, teacher_model, student_model, _ = toy.build_models(cfg.toy)
     V, B, K = task.vocab_size, cfg.toy.batch_size, max(cfg.toy_staleness)
     objective = preset(cfg.drift_estimator)
@@ -149,7 +141,7 @@ def toy_settings(cfg: Config):
     engine = ToyRolloutEngine(student_model, max_batch=cfg.toy.engine_slots, max_new_tokens=task.max_response_len,
                               eos_id=task.eos_id, seed=cfg.seed, capture_topk=min(max(cfg.ks), V), capture_samples=M)
     teacher = ToyTeacher(teacher_model, batch_size=B)
-    learner = ToyLearner(copy.deepcopy(student_model), objective, lr=cfg.lr, pad_id=task.pad_id,
+    learner = ToyLearner(copy.deepcopy(student_model), objective, lr=cfg.toy.lr, pad_id=task.pad_id,
                          weight_decay=cfg.toy.weight_decay, grad_clip=cfg.toy.grad_clip)
     ring = {0: learner.state_dict()}
     for v in range(K):                                           # the drift run: on-policy, one version per step
@@ -229,7 +221,8 @@ def train_cells(cfg: Config) -> list[dict]:
     for name, k, s in itertools.product(cfg.train_layouts, cfg.train_staleness, cfg.train_seeds):
         objective = ObjectiveConfig(**TRAIN_LAYOUTS[name])
         topk, M = cache_layout(objective)
-        rc = RunConfig(staleness=f"fixed:{k}", steps=cfg.steps, seed=s, toy=cfg.toy, objective=objective)
+        rc = RunConfig(staleness=SchedulerConfig(fixed_staleness=k).spec, steps=cfg.steps, seed=s, toy=cfg.toy,
+                       objective=objective)
         out.append(cells_lib.cell(rc, Path(cfg.cells_dir) / f"{name}_k{k}_s{s}", layout=name, staleness=k, seed=s,
                                   bytes_per_token=bytes_per_token(k=topk, n_samples=M, sampler_logp=M > 0)))
     return out
@@ -237,8 +230,7 @@ def train_cells(cfg: Config) -> list[dict]:
 
 def training(cfg: Config) -> pd.DataFrame:
     df = cells_lib.run_all(train_cells(cfg), cfg.toy, workers=cfg.workers, desc="cache_estimators cells")
-    df = df.drop(columns="staleness_k").rename(columns={"estimator": "objective"})
-    return df.assign(eval_prompts=cfg.eval_prompts)
+    return df.drop(columns="run_staleness").assign(eval_prompts=cfg.toy.eval_prompts)   # run_staleness: "fixed:k"
 
 
 def run(cfg: Config) -> dict[str, pd.DataFrame]:
@@ -286,10 +278,6 @@ def plot(res: dict[str, pd.DataFrame], out_dir: Path) -> None:
         ax.tick_params(axis="x", rotation=20)
         fig.savefig(out_dir / "training_accuracy.png", dpi=110, bbox_inches="tight")
         plt.close(fig)
-
-
-def md(df: pd.DataFrame) -> str:
-    return df.to_markdown(index=False, floatfmt=".3g")
 
 
 def biased(r, space: str = "") -> bool:
@@ -385,7 +373,7 @@ def report(res: dict[str, pd.DataFrame], cfg: Config) -> str:
             "std_rel", "rmse_rel"]
     final, init = tr[tr.step == tr.step.max()], tr[tr.step == 0].accuracy.mean()
     kl0 = tr[tr.step == 0][["eval_forward_kl", "eval_reverse_kl"]].mean()
-    n = int(cfg.eval_prompts)
+    n = int(cfg.toy.eval_prompts)
     band = 2 * np.sqrt(max(init * (1 - init), 1 / n) / n)
     t = final.groupby(["layout", "staleness"], sort=False).agg(
         bytes_per_token=("bytes_per_token", "first"), accuracy=("accuracy", "mean"), seed_min=("accuracy", "min"),
@@ -400,15 +388,16 @@ def report(res: dict[str, pd.DataFrame], cfg: Config) -> str:
         note = f"Top-k sizes {capped} exceed V and are capped at V = {V} (k = V is exact for every tail)."
         moving = d[d.family.isin(["sampled", "mc", "student top-k"])]
         sections += [f"## {setting} (V = {V}): fresh, every layout, logit space", "", note if capped else "", "",
-                     md(fresh[cols]), "",
+                     markdown(fresh[cols], ".3g"), "",
                      f"## {setting}: staleness, the layouts that read π_β (bias ± noise floor, * resolved; cos of the "
                      "mean), logit space", "",
-                     md(by_staleness(moving, {"bias": bias_str, "cos": lambda r: f"{r.cos_mean:.3f}"})), ""]
+                     markdown(by_staleness(moving, {"bias": bias_str, "cos": lambda r: f"{r.cos_mean:.3f}"}),
+                              ".3g"), ""]
         if d.get("param_rmse_rel") is not None and d.param_rmse_rel.notna().all():
             param = by_staleness(d, {"bias": lambda r: bias_str(r, "param_"),
                                      "rmse": lambda r: f"{r.param_rmse_rel:.3f}"})
             sections += [f"## {setting}: parameter space (one batch; what the optimiser sees before clipping), "
-                         "bias ± noise floor and relative RMSE, every layout", "", md(param), ""]
+                         "bias ± noise floor and relative RMSE, every layout", "", markdown(param, ".3g"), ""]
     return "\n".join([
         "# cache_estimators: what a finite teacher-score cache costs in bias and variance", "",
         "Exact gradients, w.r.t. the current student's logits z [N, V] at the rollout positions (masked token means): "
@@ -423,18 +412,18 @@ def report(res: dict[str, pd.DataFrame], cfg: Config) -> str:
         "the variance part averages over the batch and the bias part does not. Forward KL from sampled/MC caches uses "
         "a study-local importance-sampling estimator (`forward_kl_is`); everything else is the library's estimators.",
         "",
-        "## Settings", "", md(settings), "",
+        "## Settings", "", markdown(settings, ".3g"), "",
         "## Claims (decided from the numbers)", "", *[f"- {v}" for v in verdicts(res)], "",
         f"## The cheapest layout per setting within a relative RMSE of {cfg.target_rmse:g}", "",
-        md(cheapest(df, cfg.target_rmse)), "",
+        markdown(cheapest(df, cfg.target_rmse), ".3g"), "",
         *sections,
         f"## Bytes at V = {cfg.real_vocab}: {cfg.real_response_len} response tokens × {cfg.real_batch} sequences per "
         f"batch, {cfg.link_gbit_s:g} Gbit/s link", "",
         "top-k rows hold for the teacher's and the student's top-k alike (ids, teacher log-probs, tail mass); mc rows "
-        "with sampler logp are what importance weights need.", "", md(net), "",
-        f"## Training: {cfg.steps} steps, lr {cfg.lr:g}, final held-out greedy accuracy (initial {init:.3f})", "",
+        "with sampler logp are what importance weights need.", "", markdown(net, ".3g"), "",
+        f"## Training: {cfg.steps} steps, lr {cfg.toy.lr:g}, final held-out greedy accuracy (initial {init:.3f})", "",
         f"Initial held-out KL per token: forward {kl0.eval_forward_kl:.3f}, reverse {kl0.eval_reverse_kl:.3f}.", "",
-        md(t), "",
+        markdown(t, ".3g"), "",
         f"Noise band: two binomial standard errors of one evaluation on {n} prompts = ±{band:.3f}. Spread of final "
         "accuracy across layouts: " + ", ".join(f"k={k}: {v:.3f}" for k, v in spread.items())
         + ("; within the band everywhere: the layouts' gradient errors do not separate in accuracy in this short run."

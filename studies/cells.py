@@ -1,5 +1,5 @@
-"""Study cells: one toy training run each, run in parallel worker processes and reused once finished; plus the
-config checks and the noise-band test every training study shares.
+"""Study cells: one training run each, run in parallel worker processes and reused once finished; plus what every
+study shares: the estimator presets, the config checks, the noise-band test and the report's table writer.
 
 A cell is a dict with at least `run` (a `backends.run.RunConfig`), `dir` (its own folder) and any labels the
 study wants as columns (estimator, staleness, seed, ...). `cell(run, dir, **labels)` adds `digest`, a hash of
@@ -9,6 +9,11 @@ rerun with `hydra.run.dir=<its folder>` reuses finished cells and reruns changed
     sweep = [cells.cell(RunConfig(...), out / "cells" / name, estimator=e, seed=s) for ...]
     df = cells.run_all(sweep, toy_cfg, workers=2, desc="my study")   # every cell's metrics.csv + label columns
     gap, band, sign = cells.compare(acc_a, acc_b, n_prompts)            # a claim counts only when sign != 0
+    objective = cells.preset("reverse_kl_stale_tis")                    # a file of conf/estimator/
+    text = cells.markdown(table, floatfmt=".4g")                        # a report's table
+
+Metrics columns that clash with a label come back as run_<name>: a cell labelled staleness=k gets the run's
+staleness spec ("fixed:k") as run_staleness, and the objective's name is the metrics column `objective`.
 """
 
 from __future__ import annotations
@@ -26,10 +31,22 @@ from unittest.mock import patch
 import numpy as np
 import pandas as pd
 import torch
+from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from asyncopd.objective import ObjectiveConfig
 from backends import toy
-from backends.run import RunConfig
+from backends.run import RunConfig, run as run_backend
+
+PRESET_DIR = Path(__file__).resolve().parents[1] / "conf" / "estimator"
+PRESETS = tuple(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))   # the estimator presets, by file name
+
+
+def preset(name: str) -> ObjectiveConfig:
+    """The objective of conf/estimator/<name>.yaml (a `# @package objective` node: ObjectiveConfig's fields)."""
+    if name not in PRESETS:
+        raise ValueError(f"{name!r} is not a preset of conf/estimator/ {PRESETS}")
+    return ObjectiveConfig(**OmegaConf.to_container(OmegaConf.load(PRESET_DIR / f"{name}.yaml")))
 
 
 def cell(run: RunConfig, cell_dir: Path, **labels) -> dict:
@@ -47,7 +64,7 @@ def run_cell(rc: RunConfig, cell_dir: Path, digest: str) -> None:
     """One cell in a worker process. A half-finished cell restarts from scratch; done.json is written last."""
     torch.set_num_threads(1)
     shutil.rmtree(cell_dir, ignore_errors=True)
-    toy.run(rc, cell_dir)                                     # writes metrics.csv at its last step
+    run_backend(rc, cell_dir)                                 # writes metrics.csv at its last step
     shutil.rmtree(cell_dir / "checkpoint")                    # a finished cell is never resumed
     (cell_dir / "done.json.tmp").write_text(json.dumps({"digest": digest, "config": asdict(rc)}, default=str))
     (cell_dir / "done.json.tmp").replace(cell_dir / "done.json")
@@ -55,7 +72,8 @@ def run_cell(rc: RunConfig, cell_dir: Path, digest: str) -> None:
 
 def run_all(sweep: list[dict], toy_cfg: toy.ToyConfig, *, workers: int, desc: str) -> pd.DataFrame:
     """Run the cells not yet done (`workers` single-threaded processes), then return every cell's metrics.csv
-    as one table with the cells' labels as extra columns (a metrics column of the same name becomes run_<name>). A failed cell stops the sweep; finished cells stay done."""
+    as one table with the cells' labels as extra columns (a metrics column of the same name becomes run_<name>).
+    A failed cell stops the sweep; finished cells stay done."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     todo = [c for c in sweep if not is_done(c)]
@@ -87,14 +105,6 @@ def check_distinct_ints(cfg, names, lo: int = 0) -> None:
             raise ValueError(f"{name} must be a non-empty list of distinct integers >= {lo}, got {v!r}")
 
 
-def check_toy_follows(cfg, names=("lr", "eval_every", "eval_prompts")) -> None:
-    """The study's knobs are the truth: cfg.toy.<name> must equal cfg.<name> (the YAML interpolates them)."""
-    for name in names:
-        if getattr(cfg.toy, name) != getattr(cfg, name):
-            raise ValueError(f"toy.{name}={getattr(cfg.toy, name)!r} differs from {name}={getattr(cfg, name)!r}: "
-                             f"set {name}, the study's knob (the YAML makes toy.{name} follow it)")
-
-
 def compare(a: np.ndarray, b: np.ndarray, n_prompts: int) -> tuple[float, float, int]:
     """(mean(a) − mean(b), noise band, sign): sign is ±1 only if the seed ranges of a and b do not overlap and
     the gap exceeds two binomial standard errors of one evaluation on n_prompts prompts (the band)."""
@@ -102,3 +112,10 @@ def compare(a: np.ndarray, b: np.ndarray, n_prompts: int) -> tuple[float, float,
     gap, band = a.mean() - b.mean(), 2 * np.sqrt(p * (1 - p) / n_prompts)
     separate = a.max() < b.min() or a.min() > b.max()
     return gap, band, int(np.sign(gap)) if separate and abs(gap) > band else 0
+
+
+def markdown(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
+    """df as a markdown table (every study's report tables): floats as format(v, floatfmt), the rest as str(v)."""
+    fmt = lambda v: format(v, floatfmt) if isinstance(v, (float, np.floating)) else str(v)  # noqa: E731
+    rows = [list(map(str, df.columns)), ["---"] * df.shape[1], *(map(fmt, r) for r in df.itertuples(index=False))]
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows)

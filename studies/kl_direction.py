@@ -13,7 +13,7 @@ How to run
     python -m studies.kl_direction                  # ~13 min on 2 CPU cores (+~3.5 min to train the teacher once)
     python -m studies.kl_direction scale=smoke      # the same pipeline, tiny task and models, < 1 min
     python -m studies.kl_direction hydra.run.dir=outputs/kl_direction/<run>   # resume: finished cells reused
-    python -m studies.kl_direction lr=3e-5 'staleness=[0,4,8,16]'            # lr × k is the knob
+    python -m studies.kl_direction toy.lr=3e-5 'staleness=[0,4,8,16]'        # lr × k is the knob
     → Hydra's run folder: results.csv (cell × step), accuracy_vs_staleness.png, reverse_kl_vs_staleness.png,
       learning_curves.png, report.md; each cell's run in cells/<estimator>_k<k>_s<seed>/ (done.json when finished).
 """
@@ -33,16 +33,14 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from asyncopd.objective import ObjectiveConfig
+from asyncopd.scheduler import SchedulerConfig
 from backends import toy
 from backends.run import RunConfig
 from studies import cells as cells_lib
-from studies.cells import compare
+from studies.cells import PRESETS, compare, markdown, preset
 
 plt.switch_backend("Agg")
 
-PRESET_DIR = Path(__file__).resolve().parents[1] / "conf" / "estimator"
-PRESETS = tuple(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
 FORWARD, STALE, STABILISERS = "forward_kl_topk", "reverse_kl_stale", ("reverse_kl_stale_tis", "reverse_kl_stale_clip")
 RECOMPUTE = ("reverse_kl_recompute_tis", "reverse_kl_recompute")   # the seeds' surrogate, then the no-ratio ablation
 
@@ -53,13 +51,10 @@ class Config:
     staleness: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8])   # fixed k per cell, >= 0
     seeds: list[int] = field(default_factory=lambda: [0, 1])   # prompts and sampling; the models are shared
     steps: int = 150                     # learner steps per cell, the same for every cell
-    lr: float = 1e-4                     # learner lr, the same for every cell; toy.lr must equal it
-    eval_every: int = 10                 # held-out eval every this many steps; toy.eval_every must equal it
-    eval_prompts: int = 512              # held-out prompts; toy.eval_prompts must equal it
     workers: int = 2                     # cells run in parallel, one single-threaded process each
     scale: str = "default"               # default | smoke (set by the `scale` config group)
     cells_dir: str = "cells"             # one folder per cell; the YAML puts it in Hydra's run folder
-    toy: toy.ToyConfig = field(default_factory=toy.ToyConfig)   # task, models, batch: everything else
+    toy: toy.ToyConfig = field(default_factory=toy.ToyConfig)   # task, models, batch, lr, evals: every cell's
 
     def __post_init__(self):
         e = list(self.estimators)
@@ -70,19 +65,17 @@ class Config:
                                ("scale", self.scale in ("default", "smoke"), "default or smoke")):
             if not ok:
                 raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
-        cells_lib.check_toy_follows(self)
 
 
 ConfigStore.instance().store(name="kl_direction_schema", node=Config)
 
 
 def cells(cfg: Config) -> list[dict]:
-    """The sweep, one dict per cell: its labels, its RunConfig, its folder and the digest its done.json must hold.
-    A preset file is a `# @package objective` node: its keys are ObjectiveConfig's fields."""
+    """The sweep, one dict per cell: its labels, its RunConfig, its folder and the digest its done.json must hold."""
     out = []
     for e, k, s in itertools.product(cfg.estimators, cfg.staleness, cfg.seeds):
-        objective = ObjectiveConfig(**OmegaConf.to_container(OmegaConf.load(PRESET_DIR / f"{e}.yaml")))
-        rc = RunConfig(staleness=f"fixed:{k}", steps=cfg.steps, seed=s, toy=cfg.toy, objective=objective)
+        rc = RunConfig(staleness=SchedulerConfig(fixed_staleness=k).spec, steps=cfg.steps, seed=s, toy=cfg.toy,
+                       objective=preset(e))
         out.append(cells_lib.cell(rc, Path(cfg.cells_dir) / f"{e}_k{k}_s{s}", estimator=e, staleness=k, seed=s))
     return out
 
@@ -90,9 +83,7 @@ def cells(cfg: Config) -> list[dict]:
 def run(cfg: Config) -> pd.DataFrame:
     """Run the cells not yet done (in parallel), then return every cell's metrics as one tidy table."""
     df = cells_lib.run_all(cells(cfg), cfg.toy, workers=cfg.workers, desc="kl_direction cells")
-    df = (df.drop(columns="staleness_k")                                  # == staleness
-          .rename(columns={"run_estimator": "objective"})                  # e.g. reverse_kl_sampled[stale,none]
-          .assign(eval_prompts=cfg.eval_prompts))
+    df = df.drop(columns="run_staleness").assign(eval_prompts=cfg.toy.eval_prompts)   # run_staleness: "fixed:k"
     first = ["estimator", "staleness", "seed", "step"]
     return df[first + [c for c in df.columns if c not in first]]
 
@@ -187,24 +178,22 @@ def report(df: pd.DataFrame) -> str:
                              for e, a in fair for c in [compare(a, init.to_numpy(), n)]],
                             columns=["estimator", "initial accuracy", "final accuracy", "accuracy improved",
                                      "forward KL", "reverse KL", "moved toward teacher"])
-    md = lambda x: "\n".join("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r)  # noqa: E731
-                             + " |" for r in [list(x.columns), ["---"] * x.shape[1], *x.itertuples(index=False)])
     return "\n".join([
         "# kl_direction: what staleness costs per KL direction and estimator", "",
         f"{df.estimator.nunique()} estimators × k ∈ {sorted(df.staleness.unique().tolist())} × seeds "
         f"{sorted(df.seed.unique().tolist())}, {steps} learner steps, lr {df.lr.iloc[-1]:g}; held-out greedy accuracy "
         f"on {n} prompts, exact per-token KL to the teacher at step {steps}. Initial accuracy {init.mean():.3f}.", "",
-        "## Findings (final step; mean over seeds)", "", md(t), "",
+        "## Findings (final step; mean over seeds)", "", markdown(t), "",
         f"## Fairness: does k={k0} move the student for every estimator?", "",
         "The student must actually move within k steps, or staleness could not matter. Moving means its held-out "
         "KL to the teacher (either direction) ends below its initial value for every seed; accuracy is shown beside it.", "",
-        md(fairness), "",
+        markdown(fairness), "",
         "## Claims", "", *[f"- {v}" for v in verdicts(df)], "",
         "A gap counts only when the seed ranges do not overlap and it exceeds two binomial standard errors of one "
         "held-out evaluation (the band). With two seeds this is a rough test; more seeds sharpen it.", ""])
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="kl_direction")
+@hydra.main(version_base="1.3", config_path="../conf/studies/kl_direction", config_name="kl_direction")
 def main(dcfg: DictConfig) -> None:
     cfg: Config = OmegaConf.to_object(dcfg)
     out_dir = Path(HydraConfig.get().runtime.output_dir)

@@ -11,7 +11,7 @@ Covers
     lockstep run with no staleness and the 1-sample reverse-KL estimator (per-token advantage
     log π_T − log π_θ, the OPD objective of the paper). The collapse condition (YAML): a weak teacher
     (toy.teacher_steps = 150) that, like an LLM teacher, tends to keep repeating once a response repeats,
-    and a high lr (5e-3). The default 99%-accurate teacher stops such loops; with it plain OPD inflated only
+    and a high toy.lr (5e-3). The default 99%-accurate teacher stops such loops; with it plain OPD inflated only
     at lr 1e-2, after accuracy had already collapsed. The mixture rollouts are the teacher's own T = 1
     samples of the batch's last prompts, trained on with the same loss (the paper mixes in high-quality
     "golden" responses; its exact recipe was not available here, see docs/length_inflation_conditions.md).
@@ -23,7 +23,7 @@ How to run
     python -m studies.length_inflation               # 3 min on 2 idle CPU cores (+ ~20 s to train the weak teacher once)
     python -m studies.length_inflation scale=smoke   # tiny task and models, < 1 min with a fresh cache
     python -m studies.length_inflation hydra.run.dir=outputs/length_inflation/<run>   # finished cells reused
-    python -m studies.length_inflation lr=1e-2 toy.teacher_steps=1500 steps=150   # the strong teacher, lr 1e-2
+    python -m studies.length_inflation toy.lr=1e-2 toy.teacher_steps=1500 steps=150   # the strong teacher, lr 1e-2
     → results.csv (cell × step), runs.csv (one row per run), length_inflation_monitors.png,
       length_inflation_final.png, report.md; each cell in cells/<arm>_s<seed>/.
 """
@@ -42,15 +42,14 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from asyncopd.objective import ObjectiveConfig
+from asyncopd.scheduler import SchedulerConfig
 from backends import toy
 from backends.run import RunConfig
 from studies import cells as cells_lib
-from studies.cells import compare
+from studies.cells import PRESETS, compare, markdown, preset
 
 plt.switch_backend("Agg")
 
-PRESET_DIR = Path(__file__).resolve().parents[1] / "conf" / "estimator"
 ARMS = {"plain": (False, False), "ref_kl": (True, False), "mixture": (False, True), "both": (True, True)}
 MONITORS = ("response_len_mean", "truncation_rate", "repetition_rate")
 
@@ -63,22 +62,19 @@ class Config:
     mixture_frac: float = 0.25           # toy.mixture_frac of the mixture and both arms, in (0, 1)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])     # prompts and sampling; the models are shared
     steps: int = 100                     # learner steps per cell, >= 1
-    lr: float = 5e-3                     # learner lr (high: part of the collapse condition); toy.lr must equal it
-    eval_every: int = 5                  # held-out eval every this many steps; toy.eval_every must equal it
-    eval_prompts: int = 256              # held-out prompts; toy.eval_prompts must equal it
     window: int = 5                      # steps averaged by the collapse rule and the final monitors, >= 1
     collapse_truncation: float = 0.5     # truncation collapse: window-mean truncation rate >= this, in (0, 1]
     accuracy_drop: float = 0.2           # accuracy collapse: held-out accuracy < initial − this, in (0, 1)
     workers: int = 2                     # cells run in parallel, one single-threaded process each
     scale: str = "default"               # default | smoke (set by the `scale` config group)
     cells_dir: str = "cells"             # one folder per cell; the YAML puts it in Hydra's run folder
-    toy: toy.ToyConfig = field(default_factory=toy.ToyConfig)   # task, models, batch (mixture_frac is per arm)
+    toy: toy.ToyConfig = field(default_factory=toy.ToyConfig)   # task, models, batch, lr, evals; mixture_frac per arm
 
     def __post_init__(self):
         a = list(self.arms)
         if not a or len(set(a)) < len(a) or set(a) - set(ARMS):
             raise ValueError(f"arms must be distinct names from {tuple(ARMS)}, got {a!r}")
-        if not (PRESET_DIR / f"{self.estimator}.yaml").exists():
+        if self.estimator not in PRESETS:
             raise ValueError(f"estimator must name a preset of conf/estimator/, got {self.estimator!r}")
         cells_lib.check_distinct_ints(self, ("seeds",))
         for name, ok, rule in (("ref_kl_coef", self.ref_kl_coef > 0, "> 0"),
@@ -90,7 +86,6 @@ class Config:
                                ("scale", self.scale in ("default", "smoke"), "default or smoke")):
             if not ok:
                 raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
-        cells_lib.check_toy_follows(self)
         if self.toy.mixture_frac:
             raise ValueError("toy.mixture_frac must be 0: the mixture arms set it from mixture_frac (ARMS)")
         replace(self.toy, mixture_frac=self.mixture_frac)        # raises if it rounds to no teacher rollout
@@ -101,13 +96,12 @@ ConfigStore.instance().store(name="length_inflation_schema", node=Config)
 
 def cells(cfg: Config) -> list[dict]:
     """One cell per arm × seed: the estimator preset, plus the arm's reference KL and rollout mixture."""
-    preset = OmegaConf.to_container(OmegaConf.load(PRESET_DIR / f"{cfg.estimator}.yaml"))
     out = []
     for a, s in itertools.product(cfg.arms, cfg.seeds):
         ref_kl, mixture = ARMS[a]
-        objective = ObjectiveConfig(**{**preset, "ref_kl_coef": cfg.ref_kl_coef if ref_kl else 0.0})
-        rc = RunConfig(staleness="fixed:0", steps=cfg.steps, seed=s, objective=objective,
-                       toy=replace(cfg.toy, mixture_frac=cfg.mixture_frac if mixture else 0.0))
+        objective = replace(preset(cfg.estimator), ref_kl_coef=cfg.ref_kl_coef if ref_kl else 0.0)
+        rc = RunConfig(staleness=SchedulerConfig(fixed_staleness=0).spec, steps=cfg.steps, seed=s,
+                       objective=objective, toy=replace(cfg.toy, mixture_frac=cfg.mixture_frac if mixture else 0.0))
         out.append(cells_lib.cell(rc, Path(cfg.cells_dir) / f"{a}_s{s}", arm=a, seed=s))
     return out
 
@@ -115,8 +109,8 @@ def cells(cfg: Config) -> list[dict]:
 def run(cfg: Config) -> pd.DataFrame:
     """Run the cells not yet done (in parallel); every cell's metrics as one table, with the collapse rules."""
     df = cells_lib.run_all(cells(cfg), cfg.toy, workers=cfg.workers, desc="length_inflation cells")
-    df = (df.drop(columns="staleness_k").rename(columns={"estimator": "objective"})
-          .assign(eval_prompts=cfg.eval_prompts, window=cfg.window, collapse_truncation=cfg.collapse_truncation,
+    df = (df.drop(columns="staleness")                                   # "fixed:0" in every cell
+          .assign(eval_prompts=cfg.toy.eval_prompts, window=cfg.window, collapse_truncation=cfg.collapse_truncation,
                   accuracy_drop=cfg.accuracy_drop))
     first = ["arm", "seed", "step"]
     return df[first + [c for c in df.columns if c not in first]]
@@ -248,22 +242,20 @@ def report(runs: pd.DataFrame, cfg: Config) -> str:
         "teacher-sample acc.": ("teacher_sample_accuracy", "mean")}).reset_index()
     per_run = runs[["arm", "seed", "initial_accuracy", "min_accuracy", "final_accuracy", "accuracy_collapse_step",
                     "truncation_collapse_step", "peak_truncation_rate", "final_truncation_rate"]]
-    md = lambda x: "\n".join("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r)  # noqa: E731
-                             + " |" for r in [list(x.columns), ["---"] * x.shape[1], *x.itertuples(index=False)])
     return "\n".join([
         "# length_inflation: StableOPD's truncation collapse and its two fixes on the toy backend", "",
         f"{runs.arm.nunique()} arms × seeds {sorted(runs.seed.unique().tolist())}, {cfg.steps} learner steps, "
-        f"lr {cfg.lr:g}, batch {cfg.toy.batch_size}, estimator preset {cfg.estimator}, no staleness, teacher SFT "
+        f"lr {cfg.toy.lr:g}, batch {cfg.toy.batch_size}, estimator preset {cfg.estimator}, no staleness, teacher SFT "
         f"{cfg.toy.teacher_steps} steps. ref_kl: "
         f"objective.ref_kl_coef = {cfg.ref_kl_coef:g} (k3 KL to the initial student on the sampled tokens); mixture: "
         f"toy.mixture_frac = {cfg.mixture_frac:g} ({round(cfg.mixture_frac * cfg.toy.batch_size)} of each batch's "
         f"rollouts are the teacher's own T = 1 samples, trained on with the same loss). Responses are cut at "
-        f"max_len + 1 = {cfg.toy.max_len + 1} tokens. Held-out greedy accuracy on {cfg.eval_prompts} prompts; "
+        f"max_len + 1 = {cfg.toy.max_len + 1} tokens. Held-out greedy accuracy on {cfg.toy.eval_prompts} prompts; "
         f"initial accuracy {runs.initial_accuracy.mean():.3f}. Truncation collapse: the {cfg.window}-step mean "
         f"truncation rate of the student's rollouts reaches {cfg.collapse_truncation:g}; accuracy collapse: an "
         f"evaluation more than {cfg.accuracy_drop:g} below the initial accuracy.", "",
         f"## Per arm (mean over seeds; final = last {cfg.window} steps, peak = highest {cfg.window}-step mean)", "",
-        md(t), "", "## Per run (steps: first collapse of each kind; nan = never)", "", md(per_run), "",
+        markdown(t), "", "## Per run (steps: first collapse of each kind; nan = never)", "", markdown(per_run), "",
         "## Claims", "", *[f"- {v}" for v in verdicts(runs)], "",
         "An accuracy gap counts only when the seed ranges do not overlap and it exceeds two binomial standard "
         f"errors of one held-out evaluation (the band). With {runs.seed.nunique()} seeds this is a rough test.", ""])

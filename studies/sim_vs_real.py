@@ -14,7 +14,7 @@ the task's answer lengths (list length + 1) for its length_power, mapped quantil
 the student produced in the calibration run (its answers are longer than the reference ones, with a heavier
 tail: see task_workload), and its prompt length. Every configuration is a command-line value:
 
-    python -m studies.sim_vs_real                                    # the defaults in conf/sim_vs_real.yaml
+    python -m studies.sim_vs_real                # the defaults in conf/studies/sim_vs_real/sim_vs_real.yaml
     python -m studies.sim_vs_real 'configs=[{name: mine, eta: 3, batch_size: 48}]' steps=80
 """
 
@@ -43,6 +43,7 @@ from backends.toy_concurrent import ConcurrentConfig
 from sim.calibrate import CalibrateConfig, calibrate, load_run, write as write_calibration
 from sim.costs import LengthDist, Workload
 from sim.model import simulate
+from studies.cells import markdown
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,8 @@ def tv_distance(p: np.ndarray, q: np.ndarray) -> float:
 def measure(cfg: Config, spec: RunSpec, out: Path) -> dict:
     toy = ToyConfig(**{**OmegaConf.to_container(OmegaConf.structured(cfg.toy)), "batch_size": spec.batch_size,
                        "length_power": spec.length_power, "eval_every": 10 ** 6, "ckpt_every": 10 ** 6})
-    run_cfg = RunConfig(exec="concurrent", staleness=str(spec.eta), steps=cfg.steps, seed=cfg.seed, toy=toy,
+    run_cfg = RunConfig(exec="concurrent", staleness=SchedulerConfig(max_staleness=spec.eta).spec, steps=cfg.steps,
+                        seed=cfg.seed, toy=toy,
                         concurrent=ConcurrentConfig(rollout_workers=spec.rollout_workers, placement=cfg.placement))
     run_backend(run_cfg, out)
     df = trace.read(out / "trace.csv")
@@ -206,7 +208,7 @@ def report(df: pd.DataFrame, diag: dict, costs, cfg: Config, path: Path) -> None
              f"{len(held)} held-out configurations predicted from the calibrated costs alone, then run.", "",
              f"Throughput error on held-out configs: worst |rel error| {worst:.1%} (target ≤ 5%); mean staleness "
              f"error worst {held.staleness_error.abs().max():.2f} versions (target ≤ 0.1).", "",
-             df.drop(columns=["held_out"]).to_markdown(index=False, floatfmt=".3f"), "",
+             markdown(df.drop(columns=["held_out"]), floatfmt=".3f"), "",
              "Calibrated costs: " + ", ".join(f"{k}={v:.3g}" for k, v in costs.__dict__.items()), "",
              f"Fit quality: R² decode {diag['r2_decode']:.2f}, teacher {diag['r2_teacher']:.2f}, "
              f"learner {diag['r2_learner']:.2f}.", "",
@@ -214,7 +216,7 @@ def report(df: pd.DataFrame, diag: dict, costs, cfg: Config, path: Path) -> None
     path.write_text("\n".join(lines) + "\n")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="sim_vs_real")
+@hydra.main(version_base="1.3", config_path="../conf/studies/sim_vs_real", config_name="sim_vs_real")
 def main(dcfg: DictConfig) -> None:
     cfg: Config = OmegaConf.to_object(dcfg)
     out_dir = Path(HydraConfig.get().runtime.output_dir)

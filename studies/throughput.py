@@ -55,6 +55,7 @@ from sim.costs import ClusterShape, CostModel, Workload
 from sim.model import simulate
 from sim.plan import PlanConfig, enumerate_splits, learner_costs
 from studies import sim_vs_real
+from studies.cells import markdown
 
 plt.switch_backend("Agg")
 
@@ -344,15 +345,15 @@ def report(df: pd.DataFrame, toy: pd.DataFrame | None, cfg: Config) -> str:
              "back-of-the-envelope (conf/cluster/): these are the speedups those assumptions imply, not measurements; "
              "calibrate them on a real run (`python -m sim.calibrate`) before relying on the numbers.", "",
              "## Claims", "", *[f"- {v}" for v in verdicts(df, toy, cfg)], "",
-             "## Async at each workload's own σ, default split", "", t.to_markdown(index=False, floatfmt=".3g"), "",
-             "## Synchronous baseline per split (workload σ)", "", sync.to_markdown(index=False, floatfmt=".3g"), "",
+             "## Async at each workload's own σ, default split", "", markdown(t, ".3g"), "",
+             "## Synchronous baseline per split (workload σ)", "", markdown(sync, ".3g"), "",
              "## Trained mean response length at η = 0 by σ (the tail is truncated at the workload's max)", "",
-             tail.to_markdown(floatfmt=".0f"), ""]
+             markdown(tail.reset_index(), ".0f"), ""]
     if toy is not None:
         lines += ["## Measured toy point (concurrent, this machine)", "",
-                  toy[["config", "eta", "measured_samples_per_s", "predicted_samples_per_s", "measured_speedup",
-                       "predicted_speedup", "measured_staleness_mean", "predicted_staleness_mean"]].to_markdown(
-                      index=False, floatfmt=".3g"), ""]
+                  markdown(toy[["config", "eta", "measured_samples_per_s", "predicted_samples_per_s",
+                                "measured_speedup", "predicted_speedup", "measured_staleness_mean",
+                                "predicted_staleness_mean"]], ".3g"), ""]
     return "\n".join(lines + ["![speedup vs η](speedup_vs_eta.png)", "![speedup vs σ](speedup_vs_sigma.png)",
                               "![speedup vs split](speedup_vs_split.png)", "![staleness](staleness.png)", ""])
 

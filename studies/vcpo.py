@@ -35,15 +35,14 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from asyncopd.objective import ObjectiveConfig
+from asyncopd.scheduler import SchedulerConfig
 from backends import toy
 from backends.run import RunConfig
 from studies import cells as cells_lib
-from studies.cells import compare
+from studies.cells import compare, markdown, preset
 
 plt.switch_backend("Agg")
 
-PRESET_DIR = Path(__file__).resolve().parents[1] / "conf" / "estimator"
 ARMS = {"none": ("reverse_kl_stale", False), "tis": ("reverse_kl_stale_tis", False),  # arm: (preset, toy.vcpo_lr)
         "clip": ("reverse_kl_stale_clip", False), "vcpo_lr": ("reverse_kl_stale_tis", True),
         "vcpo_baseline": ("reverse_kl_stale_tis_vcpo", False), "vcpo": ("reverse_kl_stale_tis_vcpo", True)}
@@ -56,15 +55,12 @@ class Config:
     staleness: list[int] = field(default_factory=lambda: [8, 16])  # fixed k per cell, >= 0
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])   # prompts and sampling; the models are shared
     steps: int = 150                     # learner steps per cell, >= 1 (as kl_direction)
-    lr: float = 1e-4                     # base learner lr; toy.lr must equal it
-    eval_every: int = 10                 # held-out eval every this many steps; toy.eval_every must equal it
-    eval_prompts: int = 512              # held-out prompts; toy.eval_prompts must equal it
     collapse_accuracy_drop: float = 0.10  # collapsed if final accuracy < initial − this, in (0, 1)
     collapse_kl_ratio: float = 2.0       # ... or final held-out reverse KL >= this × initial, > 1
     workers: int = 2                     # cells run in parallel, one single-threaded process each
     scale: str = "default"               # default | smoke (set by the `scale` config group)
     cells_dir: str = "cells"             # one folder per cell; the YAML puts it in Hydra's run folder
-    toy: toy.ToyConfig = field(default_factory=toy.ToyConfig)   # task, models, batch (vcpo_lr is per arm)
+    toy: toy.ToyConfig = field(default_factory=toy.ToyConfig)   # task, models, batch, base lr, evals; vcpo_lr per arm
 
     def __post_init__(self):
         a = list(self.arms)
@@ -77,7 +73,6 @@ class Config:
                                ("scale", self.scale in ("default", "smoke"), "default or smoke")):
             if not ok:
                 raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
-        cells_lib.check_toy_follows(self)
         if self.toy.vcpo_lr:
             raise ValueError("toy.vcpo_lr must be false: each arm sets it (ARMS)")
 
@@ -89,10 +84,9 @@ def cells(cfg: Config) -> list[dict]:
     """One cell per arm × k × seed: the arm's preset as the objective, its vcpo_lr in the toy config."""
     out = []
     for a, k, s in itertools.product(cfg.arms, cfg.staleness, cfg.seeds):
-        preset, vcpo_lr = ARMS[a]
-        objective = ObjectiveConfig(**OmegaConf.to_container(OmegaConf.load(PRESET_DIR / f"{preset}.yaml")))
-        rc = RunConfig(staleness=f"fixed:{k}", steps=cfg.steps, seed=s, toy=replace(cfg.toy, vcpo_lr=vcpo_lr),
-                       objective=objective)
+        name, vcpo_lr = ARMS[a]
+        rc = RunConfig(staleness=SchedulerConfig(fixed_staleness=k).spec, steps=cfg.steps, seed=s,
+                       toy=replace(cfg.toy, vcpo_lr=vcpo_lr), objective=preset(name))
         out.append(cells_lib.cell(rc, Path(cfg.cells_dir) / f"{a}_k{k}_s{s}", arm=a, staleness=k, seed=s))
     return out
 
@@ -100,8 +94,8 @@ def cells(cfg: Config) -> list[dict]:
 def run(cfg: Config) -> pd.DataFrame:
     """Run the cells not yet done (in parallel); every cell's metrics as one table, with the collapse rule."""
     df = cells_lib.run_all(cells(cfg), cfg.toy, workers=cfg.workers, desc="vcpo cells")
-    df = (df.drop(columns="staleness_k").rename(columns={"run_estimator": "objective"})
-          .assign(eval_prompts=cfg.eval_prompts, collapse_accuracy_drop=cfg.collapse_accuracy_drop,
+    df = (df.drop(columns="run_staleness")                               # "fixed:k", k == staleness
+          .assign(eval_prompts=cfg.toy.eval_prompts, collapse_accuracy_drop=cfg.collapse_accuracy_drop,
                   collapse_kl_ratio=cfg.collapse_kl_ratio))
     first = ["arm", "staleness", "seed", "step"]
     return df[first + [c for c in df.columns if c not in first]]
@@ -205,8 +199,6 @@ def report(runs: pd.DataFrame, steps: int, lr: float) -> str:
     t = t.reset_index().set_axis(["arm", "k", "final accuracy", "seed range", "final rev. KL", "collapsed", "ESS/N ρ",
                                   "min ESS/N ρ", "ESS/N ρ 1st half", "ESS/N w", "Var(grad norm)", "CV(grad norm)",
                                   "mean lr"], axis=1)
-    md = lambda x: "\n".join("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r)  # noqa: E731
-                             + " |" for r in [list(x.columns), ["---"] * x.shape[1], *x.itertuples(index=False)])
     r0 = runs.iloc[0]
     return "\n".join([
         "# vcpo: variance-controlled off-policy learning under high staleness", "",
@@ -217,7 +209,7 @@ def report(runs: pd.DataFrame, steps: int, lr: float) -> str:
         f"Collapsed: at the last step, accuracy below the initial by more than {r0.collapse_accuracy_drop:g}, or "
         f"held-out reverse KL ≥ {r0.collapse_kl_ratio:g} × its initial value.", "",
         "## Per arm and k (mean over seeds of per-run values over the training steps)", "",
-        md(t), "", "## Claims", "", *[f"- {v}" for v in verdicts(runs)], "",
+        markdown(t), "", "## Claims", "", *[f"- {v}" for v in verdicts(runs)], "",
         "An accuracy gap counts only when the seed ranges do not overlap and it exceeds two binomial standard "
         "errors of one held-out evaluation (the band). ESS/N ρ is of the raw ratios π_θ/π_β per token (the same "
         "diagnostic for every arm); ESS/N w is of the weights the arm trains with (1 for none), which vcpo_lr "
@@ -237,7 +229,7 @@ def main(dcfg: DictConfig) -> None:
     df.to_csv(out_dir / "results.csv", index=False)
     runs.to_csv(out_dir / "runs.csv", index=False)
     plot(df, runs, out_dir)
-    (out_dir / "report.md").write_text(text := report(runs, cfg.steps, cfg.lr))
+    (out_dir / "report.md").write_text(text := report(runs, cfg.steps, cfg.toy.lr))
     print(text)
     print(f"results.csv, runs.csv, report.md and figures in {out_dir}")
 

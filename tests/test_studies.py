@@ -16,11 +16,12 @@ from studies import cells as cells_lib, kl_direction
 from studies.kl_direction import Config
 
 ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf" / "studies" / "kl_direction"
 FIGURES = ("accuracy_vs_staleness.png", "reverse_kl_vs_staleness.png", "learning_curves.png")
 
 
 def composed(*overrides: str) -> Config:
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return OmegaConf.to_object(compose("kl_direction", overrides=["cells_dir=unused", *overrides]))
 
 
@@ -42,7 +43,7 @@ def test_kl_direction_smoke_end_to_end_then_rerun_reuses_every_cell(tmp_path):
     assert (last == cfg.steps).all() and sorted(df.staleness.unique()) == sorted(cfg.staleness)
     evals = df.dropna(subset=["accuracy"])
     assert evals.accuracy.between(0, 1).all() and evals.eval_reverse_kl.ge(0).all()
-    assert len(evals) == len(last) * (cfg.steps // cfg.eval_every + 1)          # step 0, every eval_every, the end
+    assert len(evals) == len(last) * (cfg.steps // cfg.toy.eval_every + 1)          # step 0, every eval_every, the end
     report = (out / "report.md").read_text()
     assert all(f"| {e} | {k} |" in report for e, k in itertools.product(cfg.estimators, cfg.staleness))
 
@@ -58,7 +59,7 @@ def fake_cells(cfg: Config) -> None:
     """Mark every cell of cfg finished with a two-row metrics.csv, as run_cell would leave it."""
     for c in kl_direction.cells(cfg):
         c["dir"].mkdir(parents=True)
-        pd.DataFrame({"step": [0, cfg.steps], "estimator": "label", "staleness_k": c["staleness"],
+        pd.DataFrame({"step": [0, cfg.steps], "objective": "label", "staleness": c["run"].staleness,
                       "accuracy": [0.5, 0.75]}).to_csv(c["dir"] / "metrics.csv", index=False)
         (c["dir"] / "done.json").write_text(json.dumps({"digest": c["digest"]}))
 
@@ -73,9 +74,22 @@ def test_finished_cells_are_reused_and_a_changed_config_reruns_them(tmp_path, mo
     df = kl_direction.run(cfg)
     assert len(df) == 8 * 2 and df.accuracy.tolist() == [0.5, 0.75] * 8
     assert list(df.columns[:4]) == ["estimator", "staleness", "seed", "step"] and set(df.objective) == {"label"}
+    assert "run_staleness" not in df and {c["run"].staleness for c in kl_direction.cells(cfg)} == {"fixed:0", "fixed:2"}
     assert sorted(df.staleness.unique()) == [0, 2] and set(df.estimator) == {"forward_kl_topk", "reverse_kl_stale"}
     with pytest.raises(RuntimeError, match="about to run"):                 # steps changed: not the same cells
         kl_direction.run(Config(**{**cfg.__dict__, "steps": 6}))
+
+
+def test_presets_and_the_table_writer():
+    assert {"forward_kl_topk", "reverse_kl_stale", "reverse_kl_stale_tis_vcpo"} <= set(cells_lib.PRESETS)
+    tis = cells_lib.preset("reverse_kl_stale_tis")
+    assert (tis.estimator, tis.signal, tis.correction, tis.is_cap) == ("reverse_kl_sampled", "stale", "tis", 2.0)
+    assert all(cells_lib.preset(p) for p in cells_lib.PRESETS)
+    with pytest.raises(ValueError, match="not a preset of conf/estimator/"):
+        cells_lib.preset("nope")
+    table = pd.DataFrame({"arm": ["a", "b"], "acc": [0.123456, float("nan")], "n": [1, 2], "ok": [True, False]})
+    assert cells_lib.markdown(table, ".3g").splitlines() == [
+        "| arm | acc | n | ok |", "| --- | --- | --- | --- |", "| a | 0.123 | 1 | True |", "| b | nan | 2 | False |"]
 
 
 def results(final: dict[str, list[list[float]]], initial=0.5, prompts=512, final_kl=1.0) -> pd.DataFrame:
@@ -110,7 +124,7 @@ def test_verdicts_follow_the_numbers():
 
 @pytest.mark.parametrize("override, field", [
     ("estimators=[forward_kl_topk,no_such_preset]", "estimators"), ("staleness=[0,-1]", "staleness"),
-    ("seeds=[]", "seeds"), ("workers=0", "workers"), ("scale=huge", "scale"), ("toy.lr=0.5", "lr"),
+    ("seeds=[]", "seeds"), ("workers=0", "workers"), ("scale=huge", "scale"), ("toy.lr=0", "lr"),
 ])
 def test_invalid_settings_rejected_naming_field(override, field):
     with pytest.raises(Exception, match=field):
@@ -121,7 +135,7 @@ def test_unknown_estimator_is_a_value_error_and_the_config_stays_readable():
     with pytest.raises(ValueError, match="estimators must be distinct names from conf/estimator/"):
         Config(estimators=["reverse_kl_stale", "nope"])
     assert isinstance(composed(), Config) and composed("scale=smoke").scale == "smoke"
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         assert len(OmegaConf.to_yaml(compose("kl_direction")).splitlines()) <= 80   # what --cfg job prints
 
 

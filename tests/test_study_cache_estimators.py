@@ -161,7 +161,7 @@ def test_network_table_bytes_at_a_real_vocabulary():
     ("ks=[0,4]", "ks"), ("tails=[bucket,tail]", "tails"), ("draws=1", "draws"),
     ("train_layouts=[nope]", "train_layouts"), ("toy_staleness=[]", "toy_staleness"),
     ("drift_estimator=nope", "drift_estimator"), ("toy.temperature=0.5", "temperature"),
-    ("synthetic.vocab=1", "vocab"), ("toy.lr=0.5", "lr"), ("link_gbit_s=0", "link_gbit_s"),
+    ("synthetic.vocab=1", "vocab"), ("toy.lr=0", "lr"), ("link_gbit_s=0", "link_gbit_s"),
 ])
 def test_invalid_settings_rejected_naming_field(override, field):
     with pytest.raises(Exception, match=field):

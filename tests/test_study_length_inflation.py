@@ -90,7 +90,7 @@ def test_cells_set_ref_kl_and_mixture_per_arm():
         assert rc.toy.mixture_frac == (0.25 if a in ("mixture", "both") else 0.0)
         assert (rc.objective.estimator, rc.objective.signal, rc.objective.correction) == (
             "reverse_kl_sampled", "recompute", "none")
-        assert rc.staleness == "fixed:0" and rc.seed == s and rc.toy.lr == cfg.lr == 5e-3
+        assert rc.staleness == "fixed:0" and rc.seed == s and rc.toy.lr == 5e-3               # the high lr of the YAML
         assert rc.toy.teacher_steps == 150                                  # the weak teacher of the YAML
 
 
@@ -164,7 +164,7 @@ def test_verdicts_follow_the_numbers():
     ("arms=[plain,nope]", "arms"), ("estimator=nope", "estimator"), ("seeds=[]", "seeds"),
     ("ref_kl_coef=0", "ref_kl_coef"), ("mixture_frac=0", "mixture_frac"), ("mixture_frac=1.0", "mixture_frac"),
     ("mixture_frac=0.001", "toy.mixture_frac"), ("collapse_truncation=0", "collapse_truncation"),
-    ("accuracy_drop=1", "accuracy_drop"), ("toy.lr=0.5", "lr"), ("toy.mixture_frac=0.25", "toy.mixture_frac"),
+    ("accuracy_drop=1", "accuracy_drop"), ("toy.lr=0", "lr"), ("toy.mixture_frac=0.25", "toy.mixture_frac"),
     ("scale=huge", "scale"), ("workers=0", "workers"), ("window=0", "window"),
 ])
 def test_invalid_settings_rejected_naming_field(override, field):

@@ -40,8 +40,8 @@ def test_vcpo_smoke_end_to_end(tmp_path):
     assert (df.groupby(["arm", "seed"]).step.max() == cfg.steps).all()
     trained = df[df.step > 0]
     none, both = trained[trained.arm == "none"], trained[trained.arm == "vcpo"]
-    assert (none.lr == cfg.lr).all() and none.baseline.isna().all()              # plain stale reverse KL
-    assert np.allclose(both.lr, cfg.lr * both.ess_frac) and both.baseline.notna().all()   # both VCPO parts on
+    assert (none.lr == cfg.toy.lr).all() and none.baseline.isna().all()          # plain stale reverse KL
+    assert np.allclose(both.lr, cfg.toy.lr * both.ess_frac) and both.baseline.notna().all()   # both VCPO parts on
     assert (both.ess_frac < 1).any() and both.rho_ess_frac.between(0, 1 + 1e-6).all()
     done = json.loads((out / "cells" / f"vcpo_k{cfg.staleness[0]}_s0" / "done.json").read_text())["config"]
     objective = done["objective"]
@@ -137,7 +137,7 @@ def test_verdicts_follow_the_numbers():
 @pytest.mark.parametrize("override, field", [
     ("arms=[none,no_such_arm]", "arms"), ("staleness=[8,-1]", "staleness"), ("seeds=[]", "seeds"),
     ("collapse_accuracy_drop=0", "collapse_accuracy_drop"), ("collapse_kl_ratio=1.0", "collapse_kl_ratio"),
-    ("workers=0", "workers"), ("toy.lr=0.5", "lr"), ("toy.vcpo_lr=true", "vcpo_lr"), ("scale=huge", "scale"),
+    ("workers=0", "workers"), ("toy.lr=0", "lr"), ("toy.vcpo_lr=true", "vcpo_lr"), ("scale=huge", "scale"),
 ])
 def test_invalid_settings_rejected_naming_field(override, field):
     with pytest.raises(Exception, match=field):
