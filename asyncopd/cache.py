@@ -15,6 +15,7 @@ so the sampled logp alone costs 4 B/token, a top-k entry 8k + 8 (k = 64: 520 B, 
 logits), and M samples add 12M (8M without sampler log-probs). `bytes_per_token` is that arithmetic and
 `TeacherScores.nbytes()` applies it; `save_scores` writes exactly those bytes of tensor data per trajectory,
 plus an 8-byte offset per trajectory and a JSON header. In memory ids are int64, as everywhere in asyncopd.
+`check_scorable` is every teacher's precondition on the trajectories it is asked to score.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from asyncopd.files import atomic_write
+from asyncopd.rollout import Trajectory
 
 FORMAT = "asyncopd.teacher_scores"  # metadata["format"] of a cache file
 FORMAT_VERSION = "1"
@@ -155,6 +157,17 @@ class TeacherScores:
     def nbytes(self) -> int:
         """Bytes this entry occupies in the on-disk/wire layout (int32 ids, float32 log-probs)."""
         return self.n_tokens * bytes_per_token(k=self.k, n_samples=self.M, sampler_logp=self.sampler_logp is not None)
+
+
+def check_scorable(trajs: list[Trajectory], n_samples: int) -> None:
+    """Every teacher's precondition: token ids present, and >= n_samples captured samples per token."""
+    for t in trajs:
+        if t.prompt_ids is None or t.response_ids is None:
+            raise ValueError(f"trajectory {t.uid} has no token ids (a Trajectory.fake cannot be scored)")
+        if n_samples and (t.sample_ids is None or t.sample_behav_logp is None or t.sample_ids.shape[1] < n_samples):
+            have = 0 if t.sample_ids is None else t.sample_ids.shape[1]
+            raise ValueError(f"trajectory {t.uid} carries {have} captured samples per token, n_samples={n_samples} "
+                             "needs at least that many: run the engine with capture_samples >= n_samples")
 
 
 def _fields(k: int, M: int, has_sampler: bool) -> list[str]:

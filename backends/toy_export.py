@@ -1,5 +1,7 @@
 """Local HF model folders for the real backend: the toy teacher and student, exported once from their config.
 
+A toy utility, not a role: backends/vllm_fsdp/parts.py calls it when no model folder is configured.
+
 vLLM and the FSDP2 learner load models from a local HF folder (`config.json` + `model.safetensors`); the
 project never downloads one. For a self-contained run, `export_toy_models(toy_cfg)` writes the cached toy
 teacher and warmed-up student (backends/toy_models.py, built from a `GPT2Config` and trained here) with
@@ -7,7 +9,7 @@ teacher and warmed-up student (backends/toy_models.py, built from a `GPT2Config`
 no tokenizer: the sort task speaks token ids, and the vLLM engines run with `skip_tokenizer_init=True`.
 A folder whose `config.json` exists is complete (it is written by an atomic rename of the whole folder).
 
-    python -m backends.vllm_fsdp.export                # prints the two folders for the default ToyConfig
+    python -m backends.toy_export                      # prints the two folders for the default ToyConfig
 """
 
 from __future__ import annotations

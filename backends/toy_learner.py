@@ -6,19 +6,18 @@ of the response tokens to [N, V] in batch order, and hands them with the teacher
 Stabilisers: gradient-norm clipping, the corrections inside the estimator, VCPO's ESS-scaled learning rate
 (lr_t = lr · ESS/N, from the estimator's `ess_frac`), and StableOPD's divergence to a frozen copy of the
 initial student (`ref_kl_coef`). A non-finite loss or gradient raises `FloatingPointError` *before* the
-optimiser touches the weights, so the caller's last checkpoint stays the last good state.
+optimiser touches the weights, so the caller's last checkpoint stays the last good state. The optimiser step,
+the reference and the weights it publishes are backends/optim.py's, shared with the FSDP2 learner.
 """
 
 from __future__ import annotations
-
-import copy
 
 import torch
 
 from asyncopd.cache import TeacherScores
 from asyncopd.objective import ObjectiveConfig, flat_inputs, opd_loss
 from asyncopd.rollout import Batch
-from backends import checkpoint
+from backends import checkpoint, optim
 from backends.toy_models import response_logits
 
 
@@ -27,14 +26,11 @@ class ToyLearner:
 
     def __init__(self, model, objective: ObjectiveConfig, *, lr: float, pad_id: int, weight_decay: float = 0.0,
                  grad_clip: float = 1.0, vcpo_lr: bool = False, betas=(0.9, 0.999)):
-        if lr <= 0 or grad_clip <= 0 or weight_decay < 0:
-            raise ValueError(f"ToyLearner needs lr > 0, grad_clip > 0, weight_decay >= 0; got lr={lr}, "
-                             f"grad_clip={grad_clip}, weight_decay={weight_decay}")
+        optim.check_hyperparameters("ToyLearner", lr=lr, grad_clip=grad_clip, weight_decay=weight_decay)
         self.model, self.objective, self.pad_id = model.train(), objective, pad_id
         self.lr, self.grad_clip, self.vcpo_lr = lr, grad_clip, vcpo_lr
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
-        # StableOPD's reference: the student as it was when the learner was built (the initial student)
-        self.reference = copy.deepcopy(model).eval().requires_grad_(False) if objective.ref_kl_coef > 0 else None
+        self.optimizer = optim.adamw(model, lr=lr, betas=betas, weight_decay=weight_decay)
+        self.reference = optim.frozen_reference(model, objective)     # StableOPD: the initial student, frozen
 
     def step(self, batch: Batch, scores: list[TeacherScores]) -> dict[str, float]:
         if len(scores) != len(batch.trajs):
@@ -42,7 +38,9 @@ class ToyLearner:
         out, n_tokens = self.loss(batch.trajs, scores)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
-        return self.apply_gradients(out.loss, out.metrics, batch.version, n_tokens)
+        return optim.apply_gradients(self.model, self.optimizer, out.loss, out.metrics, lr=self.lr,
+                                     grad_clip=self.grad_clip, vcpo_lr=self.vcpo_lr, version=batch.version,
+                                     n_tokens=n_tokens)
 
     def loss(self, trajs: list, scores: list[TeacherScores]):
         """(EstimatorOut, response tokens) of the configured objective on these trajectories."""
@@ -59,22 +57,9 @@ class ToyLearner:
                 ref_logp = ref_logp.gather(1, ids[:, None]).squeeze(1)
         return opd_loss(self.objective, logits, ids, cache, mask, behav_logp=behav_logp, ref_logp=ref_logp), len(ids)
 
-    def apply_gradients(self, loss: torch.Tensor, metrics: dict, version: int, n_tokens: int) -> dict[str, float]:
-        """Clip, check, and take the optimiser step on the gradients already in the model."""
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm   # FSDP2: DTensor
-        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
-            raise FloatingPointError(f"non-finite loss ({loss.item()}) or gradient norm ({grad_norm.item()}) "
-                                     f"at learner version {version}")
-        lr = self.lr * metrics.get("ess_frac", 1.0) if self.vcpo_lr else self.lr
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr, "n_tokens": n_tokens, **metrics}
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The student's weights (detached clones), to publish to rollout engines or keep in the ring."""
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return optim.full_state_dict(self.model)
 
     def save_checkpoint(self, root, *, version: int, ring: dict, state: dict, extra: dict | None = None):
         """Weights, optimiser state, `ring` and `state` as checkpoint `version` under `root` (backends/checkpoint.py)."""

@@ -18,7 +18,7 @@ import copy
 
 import torch
 
-from asyncopd.cache import TeacherScores
+from asyncopd.cache import TeacherScores, check_scorable
 from asyncopd.rollout import Trajectory
 from backends.toy_models import response_logits
 
@@ -26,17 +26,6 @@ from backends.toy_models import response_logits
 def scored_tokens(trajs: list[Trajectory]) -> int:
     """Positions a teacher forwards for these trajectories (prompt + response): the `tokens` of a trace event."""
     return sum(len(t.prompt_ids) + t.n_tokens for t in trajs)
-
-
-def check_scorable(trajs: list[Trajectory], n_samples: int) -> None:
-    """Every teacher's precondition: token ids present, and >= n_samples captured samples per token."""
-    for t in trajs:
-        if t.prompt_ids is None or t.response_ids is None:
-            raise ValueError(f"trajectory {t.uid} has no token ids (a Trajectory.fake cannot be scored)")
-        if n_samples and (t.sample_ids is None or t.sample_behav_logp is None or t.sample_ids.shape[1] < n_samples):
-            have = 0 if t.sample_ids is None else t.sample_ids.shape[1]
-            raise ValueError(f"trajectory {t.uid} carries {have} captured samples per token, n_samples={n_samples} "
-                             "needs at least that many: run the engine with capture_samples >= n_samples")
 
 
 class ToyTeacher:

@@ -1,4 +1,5 @@
-"""TeacherScores: bytes arithmetic, validation, and the safetensors file format (round trip and malformed files)."""
+"""TeacherScores: bytes arithmetic, validation, the safetensors file format (round trip and malformed files), and
+what a teacher needs from a trajectory (check_scorable)."""
 
 import json
 import struct
@@ -7,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from asyncopd.cache import (TeacherScores, bytes_per_token, full_logits_bytes_per_token, layout_table, load_scores,
-                            save_scores)
+from asyncopd.cache import (TeacherScores, bytes_per_token, check_scorable, full_logits_bytes_per_token, layout_table,
+                            load_scores, save_scores)
+from asyncopd.rollout import Trajectory
 
 
 def make(L, k=0, M=0, sampler=False, version=0, seed=0):
@@ -163,3 +165,17 @@ def test_save_is_atomic_and_replaces(tmp_path):
 def test_mixed_layouts_raise(tmp_path):
     with pytest.raises(ValueError, match="share one layout"):
         save_scores([make(2, k=2), make(2, k=3)], tmp_path / "c.safetensors")
+
+
+def test_check_scorable_needs_ids_and_enough_captured_samples():
+    L, M = 3, 2
+    traj = Trajectory(uid=7, behav_version=0, n_tokens=L, prompt_ids=torch.tensor([1, 2]),
+                      response_ids=torch.tensor([3, 4, 5]), sample_ids=torch.zeros(L, M, dtype=torch.long),
+                      sample_behav_logp=torch.zeros(L, M))
+    check_scorable([traj], n_samples=M)                        # ids and M captured samples: scorable
+    check_scorable([Trajectory(uid=8, behav_version=0, n_tokens=1, prompt_ids=torch.tensor([1]),
+                               response_ids=torch.tensor([2]))], n_samples=0)
+    with pytest.raises(ValueError, match="trajectory 7 carries 2 captured samples per token, n_samples=3"):
+        check_scorable([traj], n_samples=M + 1)
+    with pytest.raises(ValueError, match="trajectory 0 has no token ids"):
+        check_scorable([Trajectory.fake(0, 3, 0)], n_samples=0)

@@ -162,11 +162,12 @@ def _worker(rank, world, tmp):
     for _ in range(2):
         learner.step(batch, scores)
     out["at_checkpoint"] = learner.state_dict()
-    fsdp_checkpoint.save(tmp / "ckpt", learner, version=2, state={"config_digest": "test"})
+    fsdp_checkpoint.save(tmp / "ckpt", learner.model.lm, learner.optimizer, version=2,
+                         state={"config_digest": "test"})
     dist.destroy_process_group()
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rdzv-b", rank=rank, world_size=world)
     learner = FSDPLearner(model(5), RESUME, mesh=init_device_mesh("cpu", (world,)), **kw)   # other init weights
-    _, out["state"] = fsdp_checkpoint.load(checkpoint.latest(tmp / "ckpt"), learner)
+    _, out["state"] = fsdp_checkpoint.load(checkpoint.latest(tmp / "ckpt"), learner.model.lm, learner.optimizer)
     learner.step(batch, scores)
     out["resumed"] = learner.state_dict()
     torch.save(out, tmp / f"rank{rank}.pt")

@@ -1,4 +1,4 @@
-"""backends.vllm_fsdp.weight_sync: a bucketed broadcast over gloo delivers bit-identical tensors (2 processes)."""
+"""backends.weight_sync: a bucketed broadcast over gloo delivers bit-identical tensors (2 processes)."""
 
 import hashlib
 import json
@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from backends.vllm_fsdp.weight_sync import _buckets, _layout, broadcast_state_dict
+from backends.weight_sync import _buckets, _layout, broadcast_state_dict
 
 
 def make_state() -> dict[str, torch.Tensor]:

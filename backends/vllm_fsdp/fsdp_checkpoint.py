@@ -1,5 +1,8 @@
 """Checkpoints of the FSDP2 learner in the toy backend's layout, so that a resumed run continues exactly.
 
+It takes the learner's Hugging Face model (`learner.model.lm`, FSDP2-sharded or not) and its optimiser, never
+the learner: fsdp_learner.py imports this module, not the other way round.
+
 The one idea: gather the sharded fp32 master weights and AdamW state into full state dicts
 (`torch.distributed.checkpoint.state_dict.get_state_dict`, full_state_dict=True, cpu_offload=True: only rank 0
 receives them), and let rank 0 hand them to `backends.checkpoint.save`, which writes the same files a toy run
@@ -15,19 +18,19 @@ can load an FSDP checkpoint and the other way round. Weights are stored under th
 Exactness: restoring weights, moments and step counts bit for bit makes the next step bit-identical to an
 uninterrupted run on the same world size (tests/test_fsdp_learner.py, 2 gloo ranks).
 
-    fsdp_checkpoint.save(root, learner, version=v, state={"config_digest": d})    # every rank calls it
-    ring, state = fsdp_checkpoint.load(checkpoint.latest(root), learner)           # every rank calls it
+    fsdp_checkpoint.save(root, lm, optimizer, version=v, state={"config_digest": d})   # every rank calls it
+    ring, state = fsdp_checkpoint.load(checkpoint.latest(root), lm, optimizer)          # every rank calls it
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from backends import checkpoint
-from backends.vllm_fsdp.fsdp_learner import FSDPLearner
 
 
 class _StateDicts:
@@ -44,9 +47,9 @@ class _StateDicts:
         self.sd = sd
 
 
-def _param_names(learner: FSDPLearner) -> list[str]:
+def _param_names(model: torch.nn.Module) -> list[str]:
     """Fully qualified names in optimiser order (model.parameters(), a tied weight once under its first name)."""
-    return [name for name, _ in learner.model.lm.named_parameters()]
+    return [name for name, _ in model.named_parameters()]
 
 
 def _optim_by_index(osd: dict, names: list[str]) -> dict:
@@ -60,27 +63,39 @@ def _optim_by_name(osd: dict, names: list[str]) -> dict:
             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in osd["param_groups"]]}
 
 
-def save(root: Path, learner: FSDPLearner, *, version: int, state: dict,
+def save(root: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, version: int, state: dict,
          ring: dict | None = None, extra: dict[str, bytes] | None = None) -> Path:
-    """Gather the learner's full state and write checkpoint `version` under `root` from rank 0 (collective:
-    every rank calls it; returns after the checkpoint is complete on disk). Returns its directory."""
+    """Gather the full state of `model` (the HF model) and `optimizer` and write checkpoint `version` under `root`
+    from rank 0 (collective: every rank calls it; returns after the checkpoint is complete on disk). Returns its
+    directory."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_sd, optim_sd = get_state_dict(learner.model.lm, learner.optimizer, options=options)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     path = root / f"ckpt-{version:06d}"
     if dist.get_rank() == 0:
         path = checkpoint.save(root, version=version, model=_StateDicts(model_sd),
-                               optimizer=_StateDicts(_optim_by_index(optim_sd, _param_names(learner))),
+                               optimizer=_StateDicts(_optim_by_index(optim_sd, _param_names(model))),
                                ring=ring or {}, state=state, extra=extra)
     dist.barrier()                                       # no rank reads or moves on before the files exist
     return path
 
 
-def load(path: Path, learner: FSDPLearner) -> tuple[dict, dict]:
-    """Restore the learner's weights and optimiser state from checkpoint directory `path` (collective: every
-    rank calls it and reads the files). Returns (ring, state) like backends.checkpoint.load."""
+def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Restore the weights of `model` (the HF model) and the state of `optimizer` from checkpoint directory
+    `path` (collective: every rank calls it and reads the files). Returns (ring, state) like
+    backends.checkpoint.load."""
     model_sd, optim_sd = _StateDicts(), _StateDicts()
     ring, state = checkpoint.load(path, model=model_sd, optimizer=optim_sd)
-    set_state_dict(learner.model.lm, learner.optimizer, model_state_dict=model_sd.sd,
-                   optim_state_dict=_optim_by_name(optim_sd.sd, _param_names(learner)),
+    set_state_dict(model, optimizer, model_state_dict=model_sd.sd,
+                   optim_state_dict=_optim_by_name(optim_sd.sd, _param_names(model)),
                    options=StateDictOptions(full_state_dict=True))
     return ring, state
+
+
+def resume(root: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, digest: str):
+    """backends.checkpoint.resume for a sharded model (collective): restore the latest checkpoint under `root`
+    written by a config with this `digest` and return (path, ring, state), or None if there is none."""
+    if (path := checkpoint.latest(root)) is None:
+        return None
+    ring, state = load(path, model, optimizer)
+    checkpoint.check_digest(path, state, digest)
+    return path, ring, state

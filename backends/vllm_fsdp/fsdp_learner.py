@@ -1,5 +1,6 @@
 """FSDP2 learner: the toy learner's objective, data parallel over ranks, bf16 compute on fp32 master weights,
-and an lm head evaluated in chunks of tokens.
+and an lm head evaluated in chunks of tokens. Its optimiser step (clipping, the finite check, VCPO's learning
+rate), AdamW and the StableOPD reference are backends/optim.py's, as the toy learner's are.
 
 The one idea: rank r of W trains on trajectories r, r+W, r+2W, … of the batch, and FSDP2
 (`torch.distributed.fsdp.fully_shard`, each decoder block, then the root) shards the parameters and averages
@@ -39,9 +40,9 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from asyncopd.cache import TeacherScores
 from asyncopd.objective import ObjectiveConfig, flat_inputs
 from asyncopd.rollout import Batch
-from backends import checkpoint
-from backends.toy_learner import ToyLearner
+from backends import optim
 from backends.toy_models import pack
+from backends.vllm_fsdp import fsdp_checkpoint
 from backends.vllm_fsdp.chunked_head import DEFAULT_CHUNK_TOKENS, ChunkedHeadModel, chunked_opd_loss, head_token_logp
 
 MIXED_PRECISION = ("fp32", "bf16")
@@ -66,15 +67,16 @@ def shard(model: ChunkedHeadModel, *, mesh=None, mixed_precision: str = "fp32") 
     return model
 
 
-class FSDPLearner(ToyLearner):
-    """ToyLearner's objective and optimiser on an FSDP2-sharded `ChunkedHeadModel(model)`. Give it the plain
-    Hugging Face model: the learner wraps and shards it (and the StableOPD reference) itself when a process
-    group is initialised, with `mesh` (default: all ranks). Other keywords are ToyLearner's."""
-
-    forward_chunks = 1                   # one forward per step: on every rank the same collectives
+class FSDPLearner:
+    """The objective and optimiser of the toy learner on an FSDP2-sharded `ChunkedHeadModel(model)`. Give it the
+    plain Hugging Face model: the learner wraps and shards it (and the StableOPD reference) itself when a process
+    group is initialised, with `mesh` (default: all ranks). lr, weight_decay, grad_clip, vcpo_lr and betas mean
+    what they mean to ToyLearner."""
 
     def __init__(self, model, objective: ObjectiveConfig, *, lr: float, pad_id: int, mixed_precision: str = "fp32",
-                 head_chunk_tokens: int = DEFAULT_CHUNK_TOKENS, mesh=None, **toy_kwargs):
+                 head_chunk_tokens: int = DEFAULT_CHUNK_TOKENS, mesh=None, weight_decay: float = 0.0,
+                 grad_clip: float = 1.0, vcpo_lr: bool = False, betas=(0.9, 0.999)):
+        optim.check_hyperparameters("FSDPLearner", lr=lr, grad_clip=grad_clip, weight_decay=weight_decay)
         if mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"FSDPLearner.mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
         if head_chunk_tokens < 1:
@@ -83,15 +85,16 @@ class FSDPLearner(ToyLearner):
         if mixed_precision == "bf16" and not self.sharded:
             raise ValueError("FSDPLearner.mixed_precision='bf16' needs an initialised process group: the bf16 "
                              "compute copy is FSDP2's MixedPrecisionPolicy")
-        super().__init__(ChunkedHeadModel(model), objective, lr=lr, pad_id=pad_id, **toy_kwargs)
+        self.model, self.objective, self.pad_id = ChunkedHeadModel(model).train(), objective, pad_id
+        self.lr, self.grad_clip, self.vcpo_lr = lr, grad_clip, vcpo_lr
         self.mixed_precision, self.head_chunk_tokens = mixed_precision, head_chunk_tokens
+        self.reference = optim.frozen_reference(self.model, objective)   # StableOPD: the initial student, frozen
         if self.sharded:
             for m in (self.model, self.reference):
                 if m is not None:
                     shard(m, mesh=mesh, mixed_precision=mixed_precision)
-            d = self.optimizer.defaults                      # FSDP2 replaced every parameter by its shard
-            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=d["lr"], betas=d["betas"],
-                                               weight_decay=d["weight_decay"])
+        # after sharding: FSDP2 replaced every parameter by its shard, which AdamW updates
+        self.optimizer = optim.adamw(self.model, lr=lr, betas=betas, weight_decay=weight_decay)
 
     def step(self, batch: Batch, scores: list[TeacherScores]) -> dict[str, float]:
         if len(scores) != len(batch.trajs):
@@ -104,7 +107,9 @@ class FSDPLearner(ToyLearner):
         self.optimizer.zero_grad(set_to_none=True)
         (out.loss * world).backward()                        # FSDP2 averages the ranks' gradients
         n_total = sum(t.n_tokens for t in batch.trajs)
-        return self.apply_gradients(out.loss.detach(), out.metrics, batch.version, n_total)
+        return optim.apply_gradients(self.model, self.optimizer, out.loss.detach(), out.metrics, lr=self.lr,
+                                     grad_clip=self.grad_clip, vcpo_lr=self.vcpo_lr, version=batch.version,
+                                     n_tokens=n_total)
 
     def loss(self, trajs: list, scores: list[TeacherScores]):
         """(EstimatorOut of the whole batch, this rank's response tokens) for this rank's trajectories."""
@@ -128,19 +133,13 @@ class FSDPLearner(ToyLearner):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Full (unsharded) fp32 weights under the model's own names, on every rank, to publish or checkpoint."""
-        return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
-                for k, v in self.model.lm.state_dict().items()}
+        return optim.full_state_dict(self.model.lm)
 
     def save_checkpoint(self, root, *, version: int, ring: dict, state: dict, extra: dict | None = None):
         """Collective: full fp32 weights and AdamW state, written by rank 0 in the toy layout (fsdp_checkpoint.py)."""
-        from backends.vllm_fsdp import fsdp_checkpoint
-        return fsdp_checkpoint.save(root, self, version=version, state=state, ring=ring, extra=extra)
+        return fsdp_checkpoint.save(root, self.model.lm, self.optimizer, version=version, state=state, ring=ring,
+                                    extra=extra)
 
     def resume_checkpoint(self, root, *, digest: str):
         """Collective: restore the latest checkpoint under `root` of config `digest`: (path, ring, state) or None."""
-        from backends.vllm_fsdp import fsdp_checkpoint
-        if (path := checkpoint.latest(root)) is None:
-            return None
-        ring, state = fsdp_checkpoint.load(path, self)
-        checkpoint.check_digest(path, state, digest)
-        return path, ring, state
+        return fsdp_checkpoint.resume(root, self.model.lm, self.optimizer, digest=digest)

@@ -7,7 +7,7 @@ lm head chunked over tokens) on the student, in a process group of its own (worl
 a CPU). The scheduler, estimators, metrics, trace and checkpoints are the toy backend's.
 
 Models: local Hugging Face folders (`vllm_fsdp.student_path`, `vllm_fsdp.teacher_path`); empty paths export the
-toy pair of `toy` (backends/vllm_fsdp/export.py), so a run is self-contained. Nothing is downloaded
+toy pair of `toy` (backends/toy_export.py), so a run is self-contained. Nothing is downloaded
 (`local_files_only=True`), and a folder's own Python code runs only with `vllm_fsdp.trust_remote_code=true`.
 The prompts and the verifier are the sort task's, so the models must speak its token ids (the exported toy
 pair does); held-out evaluation runs the toy backend's `Evaluator` on an fp32 copy of the student (GPT-2
@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM
 
 from asyncopd.objective import cache_layout
 from backends.evaluate import Evaluator
-from backends.vllm_fsdp.export import export_toy_models
+from backends.toy_export import export_toy_models
 from backends.vllm_fsdp.fsdp_learner import FSDPLearner
 from backends.vllm_fsdp.vllm_engine import VLLMRolloutEngine, build_llm_engine, logprobs_mode_for
 from backends.vllm_fsdp.vllm_teacher import VLLMTeacher

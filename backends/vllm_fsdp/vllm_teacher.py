@@ -45,9 +45,8 @@ import itertools
 
 import torch
 
-from asyncopd.cache import TeacherScores
+from asyncopd.cache import TeacherScores, check_scorable
 from asyncopd.rollout import Trajectory
-from backends.toy_teacher import check_scorable
 from backends.vllm_fsdp.vllm_engine import VLLMConfig, build_llm_engine, check_logprobs_mode, topk_of
 
 MAX_LOGPROB_TOKEN_IDS = 128   # vLLM's cap on SamplingParams.logprob_token_ids
