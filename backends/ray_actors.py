@@ -40,7 +40,7 @@ from backends.evaluate import Evaluator
 from backends.toy_engine import ToyRolloutEngine
 from backends.toy_learner import ToyLearner
 from backends.toy_teacher import ToyTeacher, scored_tokens
-from backends.vllm_fsdp.weight_sync import broadcast_state_dict
+from backends.weight_sync import broadcast_state_dict
 
 POLL_S = 0.005                 # idle wait of the engine thread
 SYNC_TIMEOUT_S = 300           # gloo: a collective that waits this long for a peer fails
