@@ -50,6 +50,7 @@ class Driver:
     next_uid: int = 0                                     # uid of the next admission (admission index)
     hist: Counter = field(default_factory=Counter)        # staleness -> trained trajectories
     sums: dict = field(default_factory=lambda: {"in_flight": 0.0, "in_queue": 0.0, "n": 0})
+    base: dict = field(default_factory=lambda: {"n_trained": 0, "n_dropped": 0, "n_lost": 0})  # before a resume
 
     def admit(self, worker: int = 0) -> tuple[int, int] | None:
         """Admit one rollout: (uid, weight version to start with), or None when the scheduler refuses."""
@@ -93,18 +94,36 @@ class Driver:
                 "staleness_in_flight_mean": self.sums["in_flight"] / n,
                 "staleness_in_queue_mean": self.sums["in_queue"] / n}
 
+    def counts(self) -> dict[str, int]:
+        """The scheduler's counters over the whole run, resumes included: n_admitted == in_flight + n_ready +
+        n_trained + n_dropped + n_lost, where n_lost counts rollouts in flight or ready at the checkpoint a run
+        resumed from and never trained (a resumed scheduler starts empty; a replay rebuilds them: none lost)."""
+        c = self.sched.counts()
+        return {"version": c["version"], "n_admitted": self.next_uid, "in_flight": c["in_flight"],
+                "n_ready": c["n_ready"], "n_trained": self.base["n_trained"] + c["n_trained"],
+                "n_dropped": self.base["n_dropped"] + c["n_dropped"], "n_lost": self.base["n_lost"]}
+
     def state(self) -> dict:
-        """What a checkpoint keeps so that a resumed driver continues the uids and the histogram (JSON-able)."""
+        """What a checkpoint keeps so that a resumed driver continues the uids, counters and histogram (JSON-able)."""
+        c = self.counts()
         return {"next_uid": self.next_uid, "staleness_hist": {str(k): n for k, n in self.hist.items()},
-                "staleness_sums": dict(self.sums)}
+                "staleness_sums": dict(self.sums), "n_trained": c["n_trained"], "n_dropped": c["n_dropped"]}
 
     def restore(self, state: dict) -> None:
+        """Continue a checkpoint's driver over this driver's scheduler (a fresh one at the checkpoint's version,
+        or one rebuilt by replaying the operations that led there)."""
         self.next_uid = int(state["next_uid"])
         self.hist = Counter({int(k): int(n) for k, n in state["staleness_hist"].items()})
         self.sums = dict(state["staleness_sums"])
+        c = self.sched.counts()
+        self.base = {"n_trained": state["n_trained"] - c["n_trained"], "n_dropped": state["n_dropped"] - c["n_dropped"]}
+        self.base["n_lost"] = (self.next_uid - state["n_trained"] - state["n_dropped"] - c["in_flight"]
+                               - c["n_ready"])
 
     def _drops(self) -> list[int]:
         dropped = self.sched.pop_dropped()
+        if not dropped:                  # the common case: no event, no list to build (the simulator's hot path)
+            return []
         v = self.sched.version
         for t in dropped:
             self.rec.instant("drop", uid=t.uid, version=t.behav_version, staleness=float(v - t.behav_version))

@@ -1,7 +1,9 @@
 """The three backend roles as `typing.Protocol`s: any object with these methods plugs in.
 
 Drivers (the toy backend, the vLLM + FSDP2 backend, test doubles) implement them without inheriting from
-anything. Each protocol has at most three methods; a fourth means the boundary is in the wrong place.
+anything. `RolloutEngine` is what the one-process loops use (a batch at once); `StreamingEngine` is what a
+rollout worker pumps continuously (backends/engine_pump.py): requests come and go between steps and weights
+change between steps, so every token carries the version in force when it was sampled.
 """
 
 from __future__ import annotations
@@ -21,6 +23,29 @@ class RolloutEngine(Protocol):
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         """Replace the sampling weights; tokens sampled afterwards carry `version`."""
+
+
+class EngineCounters(Protocol):
+    tokens: int                          # response tokens sampled so far
+    prefill_tokens: int                  # prompt tokens prefilled so far
+
+
+class StreamingEngine(Protocol):
+    version: int                         # weight version of the loaded weights
+    stats: EngineCounters                # read around each step for the decode_iter trace event
+
+    @property
+    def n_unfinished(self) -> int:
+        """Requests added and not yet returned by `step`."""
+
+    def add(self, prompt_ids: torch.Tensor, uid: int) -> None:
+        """Queue one request; the engine starts it at a later `step`."""
+
+    def step(self) -> list[Trajectory]:
+        """One engine iteration; returns the trajectories it finished (per-token versions filled in)."""
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        """Replace the sampling weights between steps; running sequences continue on them."""
 
 
 class Teacher(Protocol):

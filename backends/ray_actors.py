@@ -7,11 +7,11 @@ shifts to its origin.
 
 - `LearnerActor`: ToyLearner + Evaluator; trains one batch per call, checkpoints, and is rank 0 (the source) of
   the gloo group that carries weights to the rollout actors.
-- `RolloutActor`: a ToyRolloutEngine stepped continuously by a background thread (continuous batching), fed by
-  `submit` and drained by `collect`, which blocks until trajectories are finished (scored here when the teacher
-  is colocated). `receive` joins a weight broadcast in its own thread while the engine keeps decoding; the
-  engine thread loads the new weights between decode steps (`weight_update=in_flight`) or once it has drained
-  (`between_rollouts`). A request admitted at version w starts on weights >= w. Ray runs it as a threaded
+- `RolloutActor`: the rollout pump (backends/engine_pump.py) on a ToyRolloutEngine, run continuously by a
+  background thread (continuous batching), fed by `submit` and drained by `collect`, which blocks until
+  trajectories are finished (scored here when the teacher is colocated). `receive` joins a weight broadcast in
+  its own thread while the engine keeps decoding and hands the weights to the pump, which loads them between
+  decode steps (`weight_update=in_flight`) or once the engine has drained (`between_rollouts`). Ray runs it as a threaded
   actor (max_concurrency = 3: one blocked `collect`, one `receive`, one short call).
 - `TeacherActor`: a ToyTeacher scoring whatever the driver sends.
 
@@ -26,7 +26,6 @@ import socket
 import threading
 import time
 import traceback
-from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -35,11 +34,12 @@ import torch.distributed as dist
 
 from asyncopd import trace
 from asyncopd.objective import cache_layout
-from backends import checkpoint
+from asyncopd.rollout import scored_tokens
 from backends.evaluate import Evaluator
+from backends.engine_pump import RolloutPump
 from backends.toy_engine import ToyRolloutEngine
 from backends.toy_learner import ToyLearner
-from backends.toy_teacher import ToyTeacher, scored_tokens
+from backends.toy_teacher import ToyTeacher
 from backends.weight_sync import broadcast_state_dict
 
 POLL_S = 0.005                 # idle wait of the engine thread
@@ -67,7 +67,7 @@ class _Role:
 
 
 class LearnerActor(_Role):
-    def __init__(self, cfg, student_bytes: bytes, teacher_bytes: bytes, ckpt_root: str):
+    def __init__(self, cfg, student_bytes: bytes, teacher_bytes: bytes):
         toy = cfg.toy
         torch.set_num_threads(cfg.concurrent.threads_per_role)
         device = _device(cfg.ray.learner_gpus)
@@ -76,7 +76,7 @@ class LearnerActor(_Role):
         self.learner = ToyLearner(student, cfg.objective, lr=toy.lr, pad_id=task.pad_id,
                                   weight_decay=toy.weight_decay, grad_clip=toy.grad_clip, vcpo_lr=toy.vcpo_lr)
         self.evaluate_fn = Evaluator(task, student, teacher, n_prompts=toy.eval_prompts, seed=cfg.seed, device=device)
-        self.ckpt_root, self.bucket_bytes = Path(ckpt_root), cfg.ray.sync_bucket_bytes
+        self.bucket_bytes = cfg.ray.sync_bucket_bytes
 
     def rendezvous(self, port: int) -> str:
         """tcp://<this node>:<port> for the weight-sync group; port 0 = a free port here (rank 0 listens)."""
@@ -86,32 +86,31 @@ class LearnerActor(_Role):
                 port = s.getsockname()[1]
         return f"tcp://{node_ip()}:{port}"
 
-    def resume(self, digest: str):
-        """(checkpoint path, its state) after loading it, or None when there is no checkpoint."""
-        got = checkpoint.resume(self.ckpt_root, digest=digest, model=self.learner.model,
-                                optimizer=self.learner.optimizer)
-        return None if not got else (str(got[0]), got[2])
+    def resume(self, root: str, digest: str):
+        """Load the latest checkpoint under `root` (a folder the driver shares): (path, ring, state) or None."""
+        got = self.learner.resume_checkpoint(Path(root), digest=digest)
+        return None if not got else (got[0], {}, got[2])
 
     def publish(self) -> None:
         """Rank 0 of the weight broadcast (the receivers record it)."""
         broadcast_state_dict(self.learner.state_dict(), src=0, bucket_bytes=self.bucket_bytes)
 
-    def train(self, batch, scores) -> tuple[dict, trace.Event]:
+    def train(self, batch, scores) -> tuple[dict | None, str | None, trace.Event]:
+        """(metrics, None, the step's span), or (None, the error, span) when the step was not finite (the
+        weights untouched): the driver reports it with the run's one divergence message."""
         t0 = time.time()
         try:
-            metrics = self.learner.step(batch, scores)
+            metrics, error = self.learner.step(batch, scores), None
         except FloatingPointError as err:
-            raise FloatingPointError(f"training diverged at step {batch.version + 1}: {err}. The last good "
-                                     f"checkpoint is {checkpoint.latest(self.ckpt_root)} (resume=true continues)") from err
-        return metrics, trace.Event(t=t0, dur_s=time.time() - t0, kind="learner_step")
+            metrics, error = None, str(err)
+        return metrics, error, trace.Event(t=t0, dur_s=time.time() - t0, kind="learner_step")
 
     def evaluate(self, version: int) -> dict:
         return self.evaluate_fn(self.learner.model, self.learner.state_dict(), version)
 
-    def save(self, version: int, state: dict) -> None:
-        learner = self.learner
-        checkpoint.save(self.ckpt_root, version=version, model=learner.model, optimizer=learner.optimizer,
-                        ring={version: learner.state_dict()}, state=state)
+    def save_checkpoint(self, root: str, *, version: int, ring: dict, state: dict, extra=None) -> None:
+        self.learner.save_checkpoint(Path(root), version=version, ring={version: self.learner.state_dict()},
+                                     state=state, extra=extra)
 
 
 class TeacherActor(_Role):
@@ -133,21 +132,22 @@ class RolloutActor(_Role):
         c, toy = cfg.concurrent, cfg.toy
         torch.set_num_threads(c.threads_per_role)
         task = toy.task()
-        self.topk, n_samples = cache_layout(cfg.objective)
+        topk, n_samples = cache_layout(cfg.objective)
         device = _device(cfg.ray.rollout_gpus)
-        self.engine = ToyRolloutEngine(pickle.loads(student_bytes), max_batch=toy.engine_slots,
-                                       max_new_tokens=task.max_response_len, temperature=toy.temperature,
-                                       eos_id=task.eos_id, seed=cfg.seed,
-                                       capture_samples=n_samples, kv_on_update=c.kv_on_update, device=device)
-        self.teacher = (ToyTeacher(pickle.loads(teacher_bytes), batch_size=toy.batch_size, device=device)
-                        if teacher_bytes else None)
-        self.i, self.n_samples, self.B = i, n_samples, toy.batch_size
-        self.in_flight_updates, self.crash_after = c.weight_update == "in_flight", crash_after
-        self.bucket_bytes = cfg.ray.sync_bucket_bytes
+        engine = ToyRolloutEngine(pickle.loads(student_bytes), max_batch=toy.engine_slots,
+                                  max_new_tokens=task.max_response_len, temperature=toy.temperature,
+                                  eos_id=task.eos_id, seed=cfg.seed, capture_samples=n_samples,
+                                  kv_on_update=c.kv_on_update, device=device)
+        teacher = (ToyTeacher(pickle.loads(teacher_bytes), batch_size=toy.batch_size, device=device)
+                   if teacher_bytes else None)
+        self.i, self.bucket_bytes, self.colocated = i, cfg.ray.sync_bucket_bytes, teacher is not None
         self.rec = trace.Recorder(time.time)                          # written by the engine thread only
+        self.pump = RolloutPump(engine, self.rec, worker=i, in_flight_updates=c.weight_update == "in_flight",
+                                teacher=teacher, topk=topk, n_samples=n_samples, score_group=toy.batch_size // 4,
+                                crash_after=crash_after)
         self.cond = threading.Condition()   # guards everything below, shared with the engine thread
         self.inbox: list = []               # (uid, prompt, admit_version) not yet taken by the engine thread
-        self.latest = None                  # (version, state dict) received, not yet loaded
+        self.latest = None                  # (version, state dict) received, not yet handed to the pump
         self.outbox: list = []              # (trajectories, scores or None), finished, not yet collected
         self.out_events: list[trace.Event] = []
         self.error: str | None = None
@@ -170,7 +170,7 @@ class RolloutActor(_Role):
         event = trace.Event(t=t0, dur_s=stats.seconds, kind="weight_sync", worker=self.i, version=version,
                             bytes=stats.bytes)
         if self.thread is None:
-            self.engine.load_weights(state, version)
+            self.pump.engine.load_weights(state, version)
             self.thread = threading.Thread(target=self._run, name=f"engine-{self.i}", daemon=True)
             self.thread.start()
             return event
@@ -191,7 +191,7 @@ class RolloutActor(_Role):
             out, self.outbox = self.outbox, []
             events, self.out_events = self.out_events, []
         trajs = [t for ts, _ in out for t in ts]
-        return trajs, (None if self.teacher is None else [s for _, ss in out for s in ss]), events
+        return trajs, ([s for _, ss in out for s in ss] if self.colocated else None), events
 
     def stop(self) -> list[trace.Event]:
         """Stop the engine thread; returns the events it had not shipped yet."""
@@ -205,7 +205,7 @@ class RolloutActor(_Role):
             self.rec.events = []
         return events
 
-    # --- the engine thread ----------------------------------------------------------------------------------
+    # --- the engine thread: the rollout pump ----------------------------------------------------------------
 
     def _run(self) -> None:
         try:
@@ -216,59 +216,22 @@ class RolloutActor(_Role):
                 self.cond.notify_all()
 
     def _loop(self) -> None:
-        engine, rec = self.engine, self.rec
-        pending, started, done = [], {}, []           # requests not yet in the engine; uid -> (t0, admit_v)
-        n_done = 0
+        pump = self.pump
         while True:
             with self.cond:
                 if self.stopped:
                     return
-                pending += self.inbox
+                pump.offer(self.inbox)
                 self.inbox = []
-                busy = engine.n_running + engine.n_waiting > 0
-                new = self.latest if self.in_flight_updates or not busy else None
-                if new is not None:
+                if self.latest is not None:
+                    pump.offer_weights(*self.latest)
                     self.latest = None
-                hold = self.latest is not None        # between_rollouts: no new starts while newer weights wait
-            if new is not None:
-                engine.load_weights(new[1], new[0])
-            if not hold:
-                for req in [r for r in pending if r[2] <= engine.version]:
-                    engine.add(req[1], req[0])
-                    started[req[0]] = (rec.now(), req[2])
-                pending = [r for r in pending if r[0] not in started]
-            if engine.n_running + engine.n_waiting == 0:
-                with self.cond:                        # idle, or waiting for weights in transit
-                    self._ship(rec)
-                    if not self.inbox and self.latest is None and not self.stopped:
-                        self.cond.wait(POLL_S)
-                continue
-            t0, tokens0, prefill0 = rec.now(), engine.stats.tokens, engine.stats.prefill_tokens
-            finished = engine.step()
-            rec.span("decode_iter", t0, worker=self.i, version=engine.version, n_seqs=engine.stats.tokens - tokens0,
-                     tokens=engine.stats.prefill_tokens - prefill0)
-            for traj in finished:
-                t_start, w = started.pop(traj.uid)
-                done.append(replace(traj, admit_version=w))
-                rec.span("rollout", t_start, worker=self.i, uid=traj.uid, version=traj.behav_version,
-                         tokens=traj.n_tokens)
-            n_done += len(finished)
-            if self.crash_after and n_done >= self.crash_after:
-                raise RuntimeError(f"test hook: rollout actor {self.i} crashes on purpose after {n_done} rollouts")
-            idle = engine.n_running + engine.n_waiting == 0
-            if done and (self.teacher is None or idle or len(done) >= max(1, self.B // 4)):
-                scores = None
-                if self.teacher is not None:          # colocated teacher: score here, ship scored
-                    t0 = rec.now()
-                    scores = self.teacher.score(done, topk=self.topk, n_samples=self.n_samples)
-                    rec.span("teacher", t0, worker=self.i, n_seqs=len(done), tokens=scored_tokens(done))
-                with self.cond:
-                    self.outbox.append((done, scores))
-                    self._ship(rec)
+            out = pump.tick()
+            with self.cond:
+                self.outbox += out
+                self.out_events += self.rec.events          # ship the engine thread's events with its results
+                self.rec.events = []
+                if out:
                     self.cond.notify_all()
-                done = []
-
-    def _ship(self, rec: trace.Recorder) -> None:
-        """Move the engine thread's events where `collect` takes them (caller holds the lock)."""
-        self.out_events += rec.events
-        rec.events = []
+                if not pump.busy and not self.inbox and self.latest is None and not self.stopped:
+                    self.cond.wait(POLL_S)                  # idle, or waiting for weights in transit

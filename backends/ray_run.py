@@ -11,7 +11,7 @@ learner trains on it in its own actor while the driver keeps collecting, so roll
     driver --submit--> rollout actor i --collect--> driver --score--> teacher actor --> driver --train--> learner
     learner (rank 0) ==broadcast_state_dict (gloo)==> rollout actors (ranks 1..n)
 
-Weights travel as a bucketed torch.distributed broadcast (backends/vllm_fsdp/weight_sync.py) over a gloo group
+Weights travel as a bucketed torch.distributed broadcast (backends/weight_sync.py) over a gloo group
 spanning the learner actor and the rollout actors; rank 0 listens on a TCP port of the learner's node
 (`ray.sync_port`, 0 = a free one). After every step but the last the driver starts the learner's `publish` and
 every rollout actor's `receive`, which runs beside the engine's decode loop; each receiver records a
@@ -40,23 +40,20 @@ process that has already called `ray.init` (a notebook, the tests) keeps its ins
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pickle
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from asyncopd import trace
-from asyncopd.scheduler import Scheduler, SchedulerConfig
-from backends.session import batch_monitors, config_digest
+from asyncopd.scheduler import Scheduler
+from backends.engine_pump import admit_round
+from backends.session import RunSession
 from backends.toy import build_models
-from backends.toy_concurrent import CRASH_ENV, admit_round, parse_eta, write_tables
+from backends.toy_concurrent import CRASH_ENV
 from backends.weight_sync import DEFAULT_BUCKET_BYTES
 
 log = logging.getLogger(__name__)
@@ -116,62 +113,55 @@ def run(cfg, out_dir: Path) -> pd.DataFrame:
     """One Ray run; `cfg` is a backends.run.RunConfig with exec=ray (and a `ray: RayConfig`). Returns the metrics."""
     import ray
 
-    from backends import ray_actors
-
-    rc, c = cfg.ray, cfg.concurrent
-    eta = parse_eta(cfg.staleness)
-    check_fits(rc, c)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    rc = cfg.ray
+    check_fits(rc, cfg.concurrent)
     started_ray = not ray.is_initialized()
     if started_ray:
         if rc.address is None:
             ray.init(address="local", num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, include_dashboard=False)
         else:
             ray.init(address=rc.address)
-    actors: dict[str, object] = {}
+    roles = Roles(ray)
     try:
-        return _drive(cfg, out_dir, eta, ray, ray_actors, actors)
+        return _drive(cfg, out_dir, roles)
     finally:
-        for handle in actors.values():
-            ray.kill(handle)
+        roles.kill()
         if started_ray:
             ray.shutdown()
 
 
-def _drive(cfg, out_dir: Path, eta: int, ray, ray_actors, actors: dict) -> pd.DataFrame:
-    toy, objective, c, rc = cfg.toy, cfg.objective, cfg.concurrent, cfg.ray
-    B, colocated = toy.batch_size, c.placement == "colocate_teacher_with_rollout"
-    task, teacher_model, student_model, model_info = build_models(toy)
-    student_ref, teacher_ref = ray.put(pickle.dumps(student_model)), ray.put(pickle.dumps(teacher_model))
-    weight_bytes = sum(v.numel() * v.element_size() for v in student_model.state_dict().values())
-    ckpt_root, digest = out_dir / "checkpoint", config_digest(cfg)
-    roles: dict = {}                                      # ObjectRef not yet read -> the role that answers it
+class Roles:
+    """The run's actors by role name; calls whose failure names the role (and the actors found dead then)."""
 
-    def call(name: str, method: str, *args):
-        ref = getattr(actors[name], method).remote(*args)
-        roles[ref] = name
+    def __init__(self, ray):
+        self.ray, self.actors, self.names = ray, {}, {}   # names: ObjectRef not yet read -> role
+
+    def call(self, name: str, method: str, *args, **kwargs):
+        ref = getattr(self.actors[name], method).remote(*args, **kwargs)
+        self.names[ref] = name
         return ref
 
-    def get(refs):
-        """ray.get that fails as soon as any of `refs` fails, naming its role and the actors found dead then
-        (a dead rollout actor shows first as the learner's broken weight broadcast)."""
-        waiting = list(refs) if isinstance(refs, list) else [refs]
+    def get(self, refs):
+        """ray.get that fails as soon as any of `refs` fails, naming its role and the actors dead by then (a dead
+        rollout actor shows first as the learner's broken weight broadcast)."""
+        ray, many = self.ray, isinstance(refs, list)
+        waiting = list(refs) if many else [refs]
         while waiting:
             done, waiting = ray.wait(waiting, num_returns=1)
             try:
                 ray.get(done[0])
             except ray.exceptions.RayError as err:
-                dead = [name for name in dead_roles() if name != roles.get(done[0])]
+                role = self.names.get(done[0], "an actor")
+                dead = [name for name in self.dead() if name != role]
                 after = f" after {', '.join(dead)} died" if dead else ""
-                raise RuntimeError(f"{roles.get(done[0], 'an actor')} failed{after}: "
-                                   f"{str(err).strip().splitlines()[-1]}\n{err}") from err
-        for ref in refs if isinstance(refs, list) else [refs]:
-            roles.pop(ref, None)
+                raise RuntimeError(f"{role} failed{after}: {str(err).strip().splitlines()[-1]}\n{err}") from err
+        for ref in refs if many else [refs]:
+            self.names.pop(ref, None)
         return ray.get(refs)
 
-    def dead_roles() -> list[str]:
-        pings = {name: handle.where.remote() for name, handle in actors.items()}
+    def dead(self) -> list[str]:
+        ray = self.ray
+        pings = {name: handle.where.remote() for name, handle in self.actors.items()}
         ray.wait(list(pings.values()), num_returns=len(pings), timeout=10.0)
         dead = []
         for name, ref in pings.items():
@@ -183,161 +173,167 @@ def _drive(cfg, out_dir: Path, eta: int, ray, ray_actors, actors: dict) -> pd.Da
                 pass                                      # busy, not known dead
         return dead
 
-    # --- actors: learner (rank 0), rollout actors (ranks 1..n), teacher; they start side by side -------------
-    actors["learner"] = ray.remote(ray_actors.LearnerActor).options(
-        num_cpus=rc.learner_cpus, num_gpus=rc.learner_gpus).remote(cfg, student_ref, teacher_ref, str(ckpt_root))
-    rollout_names = [f"rollout actor {i}" for i in range(c.rollout_workers)]
-    for i, name in enumerate(rollout_names):
-        actors[name] = ray.remote(ray_actors.RolloutActor).options(
+    def kill(self) -> None:
+        for handle in self.actors.values():
+            self.ray.kill(handle)
+
+
+def start_actors(cfg, roles: Roles, student_model, teacher_model) -> list[str]:
+    """Learner (rank 0 of the weight-sync group), rollout actors (ranks 1..n) and the teacher, side by side.
+    Returns the rollout actors' names."""
+    from backends import ray_actors
+
+    ray, c, rc = roles.ray, cfg.concurrent, cfg.ray
+    colocated = c.placement == "colocate_teacher_with_rollout"
+    student_ref, teacher_ref = ray.put(pickle.dumps(student_model)), ray.put(pickle.dumps(teacher_model))
+    roles.actors["learner"] = ray.remote(ray_actors.LearnerActor).options(
+        num_cpus=rc.learner_cpus, num_gpus=rc.learner_gpus).remote(cfg, student_ref, teacher_ref)
+    names = [f"rollout actor {i}" for i in range(c.rollout_workers)]
+    for i, name in enumerate(names):
+        roles.actors[name] = ray.remote(ray_actors.RolloutActor).options(
             num_cpus=rc.rollout_cpus, num_gpus=rc.rollout_gpus, max_concurrency=3).remote(
             i, cfg, student_ref, teacher_ref if colocated else None,
             int(os.environ.get(CRASH_ENV, "0")) if i == 0 else 0)
     if not colocated:
-        actors["teacher"] = ray.remote(ray_actors.TeacherActor).options(
+        roles.actors["teacher"] = ray.remote(ray_actors.TeacherActor).options(
             num_cpus=rc.teacher_cpus, num_gpus=rc.teacher_gpus).remote(cfg, teacher_ref)
-    resumed = cfg.resume and get(call("learner", "resume", digest))
-    if resumed:
-        resume_from, state = resumed
-        start, next_uid = state["version"], state["next_uid"]
-        rows = pd.read_csv(out_dir / "metrics.csv").query("step <= @start").to_dict("records")
-        events = trace.from_frame(trace.read(out_dir / "trace.csv").query("t <= @state['t_ckpt']"))
-        log.info("resumed from %s at version %d", resume_from, start)
-    else:
-        start, next_uid, events, rows = 0, 0, [], []
-    nodes = dict(zip(actors, get([call(name, "where") for name in actors])))
-    init = get(call("learner", "rendezvous", rc.sync_port))
-    get([call(name, "join_group", init, rank, 1 + len(rollout_names))
-         for rank, name in enumerate(["learner", *rollout_names])])
+    return names
 
-    # actors stamp absolute time.time(); the trace counts from here (a resumed one continues at its t_ckpt)
-    origin = time.time() - (state["t_ckpt"] if resumed else 0.0)
-    rec = trace.Recorder(time.time, origin=origin, events=events)
 
-    def take(evs) -> None:
-        rec.events.extend(replace(e, t=e.t - origin) for e in evs)
+def _drive(cfg, out_dir: Path, roles: Roles) -> pd.DataFrame:
+    toy, c, rc = cfg.toy, cfg.concurrent, cfg.ray
+    task, teacher_model, student_model, model_info = build_models(toy)
+    with RunSession(cfg, out_dir, mode="ray", task=task, clock=time.time) as session:
+        rollout_names = start_actors(cfg, roles, student_model, teacher_model)
+        resumed = session.resume(lambda root, digest: roles.get(roles.call("learner", "resume", str(root), digest)))
+        nodes = dict(zip(roles.actors, roles.get([roles.call(name, "where") for name in roles.actors])))
+        init = roles.get(roles.call("learner", "rendezvous", rc.sync_port))
+        roles.get([roles.call(name, "join_group", init, rank, 1 + len(rollout_names))
+                   for rank, name in enumerate(["learner", *rollout_names])])
+        if not resumed:
+            session.rec.origin = time.time()              # the trace counts from the moment the actors are up
+        driver = session.driver(Scheduler(cfg.scheduler, version=session.start), resumed and resumed["state"])
+        loop = RayLoop(cfg, session, driver, roles, rollout_names)
+        loop.finish_sync(loop.start_sync(session.start))  # the engines start on the learner's weights
+        if not resumed:
+            session.first_row(roles.get(roles.call("learner", "evaluate", 0)))
+        loop.run()
+        loop.wind_down()
+        weight_bytes = sum(v.numel() * v.element_size() for v in student_model.state_dict().values())
+        info = {"engine_slots": toy.engine_slots, "placement": c.placement, "rollout_workers": c.rollout_workers,
+                "weight_update": c.weight_update, "kv_on_update": c.kv_on_update, "on_stale": c.on_stale,
+                "threads_per_role": c.threads_per_role, "ray": {**asdict(rc), "nodes": nodes,
+                                                                "weight_bytes": weight_bytes}}
+        return session.finish(driver, info, model_info)
 
-    sched = Scheduler(SchedulerConfig(batch_size=B, max_staleness=eta, on_stale=c.on_stale), version=start)
 
-    def start_sync(version: int) -> list:
+class RayLoop:
+    """The driver's loop: admission rounds to the rollout actors, one blocking `collect` in flight per rollout
+    actor, the teacher and the learner called asynchronously, whatever `ray.wait` returns first handled first."""
+
+    def __init__(self, cfg, session: RunSession, driver, roles: Roles, rollout_names: list[str]):
+        self.cfg, self.session, self.driver, self.roles, self.rollout_names = cfg, session, driver, roles, rollout_names
+        self.outstanding, self.owner = [0] * len(rollout_names), {}   # requests per actor; uid -> actor index
+        self.scores: dict[int, object] = {}               # uid -> TeacherScores, delivered and not yet trained
+        self.unscored: list = []                          # collected, waiting for the teacher (separate)
+        self.scoring = None                               # (ref, trajectories) of the teacher call in flight
+        self.training = None                              # (ref, batch) of the learner step in flight
+        self.syncs: list = []                             # refs of the weight sync in flight
+        self.collecting: dict = {}                        # collect ref -> rollout actor index
+        self.t_step = time.monotonic()
+
+    def take(self, events) -> None:
+        """Actors' events, stamped with absolute time.time(), onto the run's clock."""
+        origin = self.session.rec.origin
+        self.session.rec.events.extend(replace(e, t=e.t - origin) for e in events if e is not None)
+
+    def start_sync(self, version: int) -> list:
         """The learner's publish and every rollout actor's receive of `version`: refs to wait on."""
-        return [call("learner", "publish"), *[call(name, "receive", version) for name in rollout_names]]
+        return [self.roles.call("learner", "publish"),
+                *[self.roles.call(name, "receive", version) for name in self.rollout_names]]
 
-    def finish(sync_refs: list) -> None:
-        take(e for e in get(sync_refs) if e is not None)  # receivers' events; publish gives None
+    def finish_sync(self, refs: list) -> None:
+        self.take(self.roles.get(refs))                   # receivers' weight_sync events; publish gives None
 
-    finish(start_sync(start))                             # the engines start on the learner's weights
-    if not resumed:
-        rows = [{"step": 0, "version": 0, "estimator": objective.name, "eta": eta,
-                 **get(call("learner", "evaluate", 0))}]
+    def run(self) -> None:
+        roles, ray = self.roles, self.roles.ray
+        self.collecting = {roles.call(name, "collect"): i for i, name in enumerate(self.rollout_names)}
+        while self.driver.sched.version < self.cfg.steps:
+            self.admit()
+            if self.training is None and (batch := self.driver.next_batch()) is not None:
+                ref = roles.call("learner", "train", batch, [self.scores.pop(t.uid) for t in batch.trajs])
+                self.training = (ref, batch)
+            if self.scoring is None and self.unscored:    # the teacher takes everything waiting at once
+                self.scoring, self.unscored = (roles.call("teacher", "score", self.unscored), self.unscored), []
+            waiting = [*self.collecting, *self.syncs] + [x[0] for x in (self.scoring, self.training) if x]
+            for ref in ray.wait(waiting, num_returns=1, timeout=WAIT_S)[0]:
+                self.handle(ref)
 
-    def save_outputs(version: int, ckpt: bool = True) -> None:
-        write_tables(out_dir, rows, rec.events, hist)
-        if ckpt:
-            get(call("learner", "save", version,
-                     {"config_digest": digest, "t_ckpt": rec.now(), "next_uid": next_uid}))
-
-    outstanding = [0] * len(rollout_names)                # requests sent to rollout actor i, not yet returned
-    owner: dict[int, int] = {}
-    scores: dict[int, object] = {}                        # uid -> TeacherScores, delivered and not yet trained
-    unscored: list = []                                   # collected, waiting for the teacher (separate)
-    scoring: tuple | None = None                          # (ref, trajectories) of the teacher call in flight
-    training = None                                       # (ref, batch) of the learner step in flight
-    syncs: list = []                                      # receive refs of the weight sync in flight
-    hist: Counter = Counter()
-    prompt_block = (-1, None)
-
-    def prompt_of(uid: int):                              # prompts of uid block b = uid // B come from seed b
-        nonlocal prompt_block
-        if prompt_block[0] != uid // B:
-            prompt_block = (uid // B, task.make_prompts(B, seed=cfg.seed * 1_000_003 + uid // B))
-        return prompt_block[1][uid % B]
-
-    def deliver(trajs, got) -> None:
-        for traj, s in zip(trajs, got):
-            outstanding[owner.pop(traj.uid)] -= 1
-            scores[traj.uid] = s
-            sched.on_rollout_done(traj)
-            record_drops()
-
-    def record_drops() -> None:
-        for t in sched.pop_dropped():
-            rec.instant("drop", uid=t.uid, version=t.behav_version, staleness=float(sched.version - t.behav_version))
-            del scores[t.uid]
-
-    collecting = {call(name, "collect"): i for i, name in enumerate(rollout_names)}
-    t_step = time.monotonic()
-    while sched.version < cfg.steps:
-        sends, next_uid = admit_round(sched, outstanding, owner, next_uid, prompt_of, rec)
-        for name, reqs in zip(rollout_names, sends):
+    def admit(self) -> None:
+        sends, owner = admit_round(self.driver, self.outstanding, self.session.prompt)
+        self.owner.update(owner)
+        for name, reqs in zip(self.rollout_names, sends):
             if reqs:                                      # one chunk per actor and round (not awaited:
-                actors[name].submit.remote(reqs)          # a dead actor shows in its collect)
-        if training is None and (batch := sched.next_batch()) is not None:
-            training = (call("learner", "train", batch, [scores.pop(t.uid) for t in batch.trajs]), batch)
-        if scoring is None and unscored:                  # the teacher takes everything waiting at once
-            scoring, unscored = (call("teacher", "score", unscored), unscored), []
-        waiting = [*collecting, *syncs] + [r for r in (scoring and scoring[0], training and training[0]) if r]
-        ready, _ = ray.wait(waiting, num_returns=1, timeout=WAIT_S)
-        for ref in ready:
-            if ref in collecting:
-                i = collecting.pop(ref)
-                trajs, got, evs = get(ref)
-                take(evs)
-                collecting[call(rollout_names[i], "collect")] = i
-                if got is None:
-                    unscored += trajs
-                else:
-                    deliver(trajs, got)
-            elif ref in syncs:
-                syncs.remove(ref)
-                finish([ref])
-            elif scoring and ref == scoring[0]:
-                got, evs = get(ref)
-                take(evs)
-                deliver(scoring[1], got)
-                scoring = None
-            else:                                         # the learner finished a step
-                (metrics, event), batch = get(ref), training[1]
-                training = None
-                version = sched.on_learner_step()
-                record_drops()
-                hist.update(batch.staleness)
-                take([replace(event, version=version, n_seqs=len(batch), tokens=batch.n_tokens,
-                              staleness=float(np.mean(batch.staleness)))])
-                if version < cfg.steps:
-                    finish(syncs)                         # the previous sync: one step old, finished
-                    syncs = start_sync(version)
-                now = time.monotonic()
-                step_s, t_step = now - t_step, now
-                row = {"step": version, "version": version, "estimator": objective.name, "eta": eta,
-                       **batch_monitors(task, batch), **metrics, "ess": metrics.get("ess", float("nan")),
-                       "n_dropped": batch.n_dropped, "step_s": step_s, "learner_s": event.dur_s,
-                       "samples_per_s": B / step_s, **{k: v for k, v in sched.counts().items() if k != "version"}}
-                if version % toy.eval_every == 0 or version == cfg.steps:
-                    row.update(get(call("learner", "evaluate", version)))
-                    t_step = time.monotonic()             # evaluation time is not training throughput
-                rows.append(row)
-                if version % toy.ckpt_every == 0 or version == cfg.steps:
-                    save_outputs(version)
-                    t_step = time.monotonic()
+                self.roles.actors[name].submit.remote(reqs)   # a dead actor shows in its collect)
 
-    # --- wind down: stop the engines and keep their last events; the scheduler's counts stay as they are
-    finish(syncs)
-    for evs in get([call(name, "stop") for name in rollout_names]):
-        take(evs)
-    counts = sched.counts()
-    assert counts["n_admitted"] == counts["in_flight"] + counts["n_ready"] + counts["n_trained"] + counts["n_dropped"]
-    if start >= cfg.steps:
-        log.info("nothing to do: the checkpoint is already at step %d >= steps=%d", start, cfg.steps)
-    else:
-        save_outputs(sched.version, ckpt=False)           # the trace now holds the engines' last events too
-    info = {"exec": "ray", "eta": eta, "batch_size": B, "engine_slots": toy.engine_slots,
-            "placement": c.placement, "rollout_workers": c.rollout_workers, "weight_update": c.weight_update,
-            "kv_on_update": c.kv_on_update, "on_stale": c.on_stale, "threads_per_role": c.threads_per_role,
-            "ray": {**asdict(rc), "nodes": nodes, "weight_bytes": weight_bytes},
-            "scheduler": counts, "resumed_from_step": start}
-    trace.to_perfetto(rec.events, out_dir / "trace.json")
-    perfetto = json.loads((out_dir / "trace.json").read_text())
-    (out_dir / "trace.json").write_text(json.dumps({**perfetto, "otherData": info}))
-    (out_dir / "models.json").write_text(json.dumps(model_info, indent=1, default=str))
-    (out_dir / "run_info.json").write_text(json.dumps(info, indent=1))
-    return pd.DataFrame(rows)
+    def handle(self, ref) -> None:
+        roles = self.roles
+        if ref in self.collecting:
+            i = self.collecting.pop(ref)
+            trajs, got, events = roles.get(ref)
+            self.take(events)
+            self.collecting[roles.call(self.rollout_names[i], "collect")] = i
+            if got is None:
+                self.unscored += trajs
+            else:
+                self.deliver(trajs, got)
+        elif ref in self.syncs:
+            self.syncs.remove(ref)
+            self.finish_sync([ref])
+        elif self.scoring and ref == self.scoring[0]:
+            got, events = roles.get(ref)
+            self.take(events)
+            self.deliver(self.scoring[1], got)
+            self.scoring = None
+        else:
+            self.stepped(*roles.get(ref))
+
+    def deliver(self, trajs, got) -> None:
+        for traj, s in zip(trajs, got):
+            self.outstanding[self.owner.pop(traj.uid)] -= 1
+            self.scores[traj.uid] = s
+            for uid in self.driver.done(traj):
+                del self.scores[uid]
+
+    def stepped(self, metrics: dict | None, error: str | None, event) -> None:
+        """The learner finished a step: bump the version, start the next weight sync, write the row."""
+        session, batch = self.session, self.training[1]
+        self.training = None
+        if error is not None:
+            raise session.diverged(FloatingPointError(error), batch.version)
+        version, dropped = self.driver.stepped(batch, event.t - session.rec.origin, dur_s=event.dur_s)
+        for uid in dropped:
+            del self.scores[uid]
+        if version < self.cfg.steps:
+            self.finish_sync(self.syncs)                  # the previous sync: one step old, finished
+            self.syncs = self.start_sync(version)
+        now = time.monotonic()
+        row = session.row(version, batch, metrics, self.driver, step_s=now - self.t_step, learner_s=event.dur_s)
+        self.t_step = now
+        if session.due_eval(version):
+            row.update(self.roles.get(self.roles.call("learner", "evaluate", version)))
+            self.t_step = time.monotonic()                # evaluation time is not training throughput
+        session.record(row)
+        if session.due_checkpoint(version):
+            session.checkpoint(version, self.driver, self._store)
+            self.t_step = time.monotonic()
+
+    def _store(self, root, *, version, ring, state, extra) -> None:
+        self.roles.get(self.roles.call("learner", "save_checkpoint", str(root), version=version, ring=ring,
+                                       state=state, extra=extra))
+
+    def wind_down(self) -> None:
+        """Stop the engines and keep their last events; the scheduler's counts stay as they are."""
+        self.finish_sync(self.syncs)
+        for events in self.roles.get([self.roles.call(name, "stop") for name in self.rollout_names]):
+            self.take(events)

@@ -82,6 +82,9 @@ class RunConfig:
         """The scheduler of this run: fixed:k for lockstep, η for concurrent and Ray, or a schedule file's own
         config (lockstep replay). The batch the scheduler sees excludes the rollout mixture's teacher samples."""
         if self.schedule_file is not None:
+            if self.toy.mixture_frac > 0:
+                raise ValueError("toy.mixture_frac > 0 runs with exec=lockstep staleness=fixed:<k> only, not a "
+                                 "schedule replay")
             if self.exec != "lockstep":
                 raise ValueError(f"staleness=schedule:<file> replays a simulator schedule with exec=lockstep only, "
                                  f"got exec={self.exec!r}")

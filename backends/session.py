@@ -23,7 +23,8 @@ columns in every mode:
     response_len_mean/max, truncation_rate, repetition_rate, train_accuracy   the batch's monitors
     loss, kl, grad_norm, lr, n_tokens, ess, ...                               the learner's (ess NaN if none)
     n_dropped                      too-stale trajectories dropped since the previous batch
-    sched_n_admitted, sched_in_flight, sched_n_ready, sched_n_trained, sched_n_dropped   scheduler counts
+    sched_n_admitted, sched_in_flight, sched_n_ready, sched_n_trained, sched_n_dropped, sched_n_lost
+                                   the scheduler's counters over the whole run (Driver.counts)
     step_s, learner_s, samples_per_s          wall clock (WALL_CLOCK_COLUMNS: not reproducible)
     accuracy, eval_reverse_kl, eval_forward_kl, eval_response_len            every eval_every steps, else NaN
 
@@ -111,12 +112,12 @@ class RunSession:
     # --- opening ----------------------------------------------------------------------------------------
 
     def resume(self, load) -> dict | None:
-        """With resume=true, `load(ckpt_root, digest)` (the learner's resume_checkpoint, or a call into the actor
+        """With resume=true, `load(ckpt_root, digest=)` (the learner's resume_checkpoint, or a call into the actor
         that holds it) restores the learner and returns (path, ring, state), or None when there is no checkpoint.
         The session then restores its rows and trace to the checkpoint. Returns {"path", "ring", "state"} or None."""
         if not self.cfg.resume:
             return None
-        got = load(self.ckpt_root, self.digest)
+        got = load(self.ckpt_root, digest=self.digest)
         if not got:
             log.info("resume=true but no checkpoint under %s: starting from scratch", self.ckpt_root)
             return None
@@ -162,7 +163,7 @@ class RunSession:
         unknown = set(extras) - set(MODE_EXTRAS[self.mode])
         if unknown:
             raise ValueError(f"{sorted(unknown)} are not {self.mode} columns (MODE_EXTRAS)")
-        counts = {f"sched_{k}": v for k, v in driver.sched.counts().items() if k != "version"}
+        counts = {f"sched_{k}": v for k, v in driver.counts().items() if k != "version"}
         return {"step": version, "version": version, "objective": self.cfg.objective.name,
                 "staleness": str(self.cfg.staleness), **batch_monitors(self.task, batch), **metrics,
                 "ess": metrics.get("ess", float("nan")), "n_dropped": batch.n_dropped, **counts,
@@ -176,9 +177,12 @@ class RunSession:
                 if isinstance(val, (int, float)) and not isinstance(val, bool) and key not in ("step", "version"):
                     self._writer.add_scalar(key, val, row["version"])
 
+    def last_checkpoint(self) -> Path | None:
+        return checkpoint.latest(self.ckpt_root) if (self.ckpt_root / "latest").exists() else None
+
     def diverged(self, err: BaseException, version: int) -> RuntimeError:
         """The error a loop raises when the learner's step at `version` was not finite."""
-        last = checkpoint.latest(self.ckpt_root) if (self.ckpt_root / "latest").exists() else None
+        last = self.last_checkpoint()
         where = (f"The last good checkpoint is {last} (resume=true continues from it)" if last is not None else
                  "No checkpoint was written yet (resume=true would start from scratch)")
         return RuntimeError(f"training diverged at step {version + 1}: {err}. {where}")
@@ -205,9 +209,9 @@ class RunSession:
 
     def finish(self, driver: Driver, info: dict, model_info: dict) -> pd.DataFrame:
         """The final files: tables, trace.json with `info` as its metadata, run_info.json, models.json."""
-        counts = driver.sched.counts()
+        counts = driver.counts()
         assert counts["n_admitted"] == (counts["in_flight"] + counts["n_ready"] + counts["n_trained"]
-                                        + counts["n_dropped"]), counts
+                                        + counts["n_dropped"] + counts["n_lost"]), counts
         if self.start >= self.cfg.steps:
             log.info("nothing to do: the checkpoint is already at step %d >= steps=%d", self.start, self.cfg.steps)
         self.write_tables(driver)

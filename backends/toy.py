@@ -117,8 +117,6 @@ def lockstep_parts(cfg):
     replay): torch threads and device from cfg.toy, the cached models, and the engine capturing what the
     objective's cache layout needs."""
     toy = cfg.toy
-    if toy.mixture_frac > 0 and cfg.schedule_file is not None:
-        raise ValueError("toy.mixture_frac > 0 runs with exec=lockstep staleness=fixed:<k> only, not a schedule replay")
     if toy.threads:
         torch.set_num_threads(toy.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if toy.device == "auto" else toy.device)

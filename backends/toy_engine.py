@@ -178,6 +178,11 @@ class ToyRolloutEngine:
     def n_waiting(self) -> int:
         return len(self.waiting)
 
+    @property
+    def n_unfinished(self) -> int:
+        """Requests added and not yet returned (running or waiting for a slot): StreamingEngine's count."""
+        return self.n_running + self.n_waiting
+
     def add(self, prompt_ids: torch.Tensor, uid: int, max_new_tokens: int | None = None) -> None:
         """Queue one request; it is admitted into a free slot at a later `step()`."""
         n = self.max_new_tokens if max_new_tokens is None else max_new_tokens

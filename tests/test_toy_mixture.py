@@ -6,7 +6,8 @@ import torch
 
 from asyncopd import trace
 from backends.run import RunConfig, run
-from backends.toy import ToyConfig, build_models, lockstep_parts
+from backends.lockstep import MIXTURE_UID0
+from backends.toy import ToyConfig, build_models
 from backends.toy_learner import ToyLearner
 from backends.toy_models import response_logits
 from test_toy_run import TINY, reproducible, tiny
@@ -31,10 +32,12 @@ def test_mixture_batch_is_student_rollouts_then_teacher_samples(model_cache, tmp
     df = run(cfg, tmp_path)
     task, teacher, _, _ = build_models(cfg.toy)
     assert len(learner_batches) == 4
-    for v, batch in enumerate(learner_batches):
-        assert [t.uid for t in batch.trajs] == list(range(v * B, (v + 1) * B))
-        prompts = task.make_prompts(B, seed=cfg.seed * 1_000_003 + v)      # plain OPD's prompt stream
-        assert all(torch.equal(t.prompt_ids, p) for t, p in zip(batch.trajs, prompts, strict=True))
+    def prompt(uid):                                                       # the session's prompt of a uid
+        return task.make_prompts(B, seed=cfg.seed * 1_000_003 + uid // B)[uid % B]
+    for v, batch in enumerate(learner_batches):                            # admitted student uids, then the
+        uids = [*range(v * (B - M), (v + 1) * (B - M)), *range(MIXTURE_UID0 + v * M, MIXTURE_UID0 + (v + 1) * M)]
+        assert [t.uid for t in batch.trajs] == uids                        # teacher's, never admitted
+        assert all(torch.equal(t.prompt_ids, prompt(u)) for t, u in zip(batch.trajs, uids, strict=True))
         mixed = batch.trajs[B - M:]
         with torch.no_grad():                                              # the teacher's own T = 1 log-probs
             logp = response_logits(teacher, mixed, task.pad_id).log_softmax(-1)
@@ -84,6 +87,5 @@ def test_mixture_frac_rejected_naming_the_field(frac, batch_size, match):
 
 
 def test_schedule_replay_rejects_the_mixture():
-    cfg = RunConfig(staleness="schedule:any.csv", toy=ToyConfig(mixture_frac=0.25))
     with pytest.raises(ValueError, match="mixture_frac > 0 runs with exec=lockstep staleness=fixed"):
-        lockstep_parts(cfg)
+        RunConfig(staleness="schedule:any.json", toy=ToyConfig(mixture_frac=0.25))

@@ -30,7 +30,7 @@ def tiny(model_cache, **kw):
 
 
 def reproducible(df: pd.DataFrame) -> pd.DataFrame:
-    return df.drop(columns=list(WALL_CLOCK_COLUMNS)).reset_index(drop=True)
+    return df.drop(columns=list(WALL_CLOCK_COLUMNS), errors="ignore").reset_index(drop=True)
 
 
 def test_same_seed_same_metrics_and_exact_staleness(model_cache, tmp_path):

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 import fake_vllm  # tests/ is on sys.path (pytest prepend import mode)
 from asyncopd import trace
 from asyncopd.objective import ObjectiveConfig
-from backends import toy
+from backends import lockstep
 from backends.run import RunConfig
 from backends.session import WALL_CLOCK_COLUMNS
 from backends.toy import ToyConfig
@@ -52,7 +52,7 @@ def test_vllm_fsdp_lockstep_runs_trains_and_resumes_exactly(model_cache, tmp_pat
     parts = partial(lockstep_parts, build_engine=fake_engine)
     steps, fsdp_step = [], FSDPLearner.step
     monkeypatch.setattr(FSDPLearner, "step", lambda self, *a: steps.append(a[0].version) or fsdp_step(self, *a))
-    straight = toy.run(config(model_cache, 3), tmp_path / "straight", parts=parts)
+    straight = lockstep.run(config(model_cache, 3), tmp_path / "straight", parts=parts)
     (teacher_dir, teacher_mode), (student_dir, student_mode) = sorted(built[:2], key=lambda b: "student" in b[0])
     assert "teacher-" in teacher_dir and "student-" in student_dir and teacher_mode == student_mode == "raw_logprobs"
 
@@ -65,9 +65,9 @@ def test_vllm_fsdp_lockstep_runs_trains_and_resumes_exactly(model_cache, tmp_pat
     sync = events.query("kind == 'weight_sync'")
     assert len(sync) >= 1 and (sync.bytes > 0).all()
 
-    toy.run(config(model_cache, 2), tmp_path / "resumed", parts=parts)
+    lockstep.run(config(model_cache, 2), tmp_path / "resumed", parts=parts)
     steps.clear()
-    resumed = toy.run(config(model_cache, 3, resume=True), tmp_path / "resumed", parts=parts)
+    resumed = lockstep.run(config(model_cache, 3, resume=True), tmp_path / "resumed", parts=parts)
     assert steps == [2]                                 # only the third step ran: the rest came from the checkpoint
     keep = [c for c in straight.columns if c not in WALL_CLOCK_COLUMNS]
     pd.testing.assert_frame_equal(resumed[keep].reset_index(drop=True), straight[keep], check_exact=True)

@@ -168,6 +168,13 @@ class _Request:
     versions: list[int] = field(default_factory=list)       # weight version that sampled each token
 
 
+@dataclass
+class StepCounters:
+    """What the rollout pump reads around each step for its decode_iter event (StreamingEngine.stats)."""
+    tokens: int = 0                     # response tokens received
+    prefill_tokens: int = 0             # prompt tokens of requests whose first token arrived
+
+
 class VLLMRolloutEngine:
     def __init__(self, engine, api, *, load_weights: Callable[[dict[str, torch.Tensor]], object] | None = None,
                  max_new_tokens: int = 32, temperature: float = 1.0, eos_id: int | None = None,
@@ -185,6 +192,7 @@ class VLLMRolloutEngine:
         self.seed, self.version, self.k = seed, version, capture_topk
         self._requests: dict[str, _Request] = {}            # vLLM request id -> what has arrived so far
         self._prefix_cache_stale = False                    # an update happened and the reset has not succeeded
+        self.stats = StepCounters()
 
     @classmethod
     def from_config(cls, cfg: VLLMConfig, **kwargs) -> VLLMRolloutEngine:
@@ -224,6 +232,9 @@ class VLLMRolloutEngine:
             new = list(o.token_ids)
             if len(o.logprobs) != len(new):
                 raise RuntimeError(f"request {req.uid}: {len(new)} new tokens but {len(o.logprobs)} logprob entries")
+            if not req.token_ids and new:
+                self.stats.prefill_tokens += len(req.prompt_ids)
+            self.stats.tokens += len(new)
             req.token_ids += new
             req.logprobs += o.logprobs
             req.versions += [self.version] * len(new)

@@ -10,7 +10,7 @@ from backends import checkpoint
 from backends.run import run
 from sim.costs import ClusterShape, CostModel, LengthDist, Workload
 from sim.run import SimConfig, run as sim_run
-from test_toy_run import tiny  # tests/ is on sys.path (pytest prepend import mode)
+from test_toy_run import reproducible, tiny  # tests/ is on sys.path (pytest prepend import mode)
 
 STEPS = 8
 
@@ -48,11 +48,11 @@ def test_replay_is_deterministic_and_resumes_exactly(model_cache, schedule, tmp_
     path = schedule[0] / "schedule.json"
     full = run(tiny(model_cache, staleness=f"schedule:{path}", steps=STEPS), tmp_path / "full")
     again = run(tiny(model_cache, staleness=f"schedule:{path}", steps=STEPS), tmp_path / "again")
-    pd.testing.assert_frame_equal(full, again, check_exact=True)      # no wall-clock columns
+    pd.testing.assert_frame_equal(reproducible(full), reproducible(again), check_exact=True)
     half = run(tiny(model_cache, staleness=f"schedule:{path}", steps=4), tmp_path / "resumed")
-    assert half.step.max() == 4 and (checkpoint.latest(tmp_path / "resumed" / "checkpoint") / "pending.pt").exists()
+    assert half.step.max() == 4 and (checkpoint.latest(tmp_path / "resumed" / "checkpoint") / "pending.safetensors").exists()
     resumed = run(tiny(model_cache, staleness=f"schedule:{path}", steps=STEPS, resume=True), tmp_path / "resumed")
-    pd.testing.assert_frame_equal(resumed, full, check_exact=True)
+    pd.testing.assert_frame_equal(reproducible(resumed), reproducible(full), check_exact=True)
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "resumed" / "staleness_hist.csv"),
                                   pd.read_csv(schedule[0] / "staleness_hist.csv"))
 
