@@ -44,6 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 from scipy.optimize import nnls
 
 from asyncopd import trace as trace_io
+from asyncopd.scheduler import SchedulerConfig
 from sim.costs import ClusterShape, CostModel, LengthDist, Workload
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,8 @@ def calibrate(df: pd.DataFrame, info: dict, cfg: CalibrateConfig) -> tuple[Clust
             "decode_loop_overhead_s": overhead, "teacher_handover_s": handover,
             "n_decode_iters": len(it), "n_overhead_gaps": len(overheads), "n_teacher_calls": len(te),
             "n_learner_steps": len(steps), "n_rollouts": len(ro), **sync_diag,
-            "measured": {"eta": info["eta"], "on_stale": info["on_stale"], "batch_size": B}}
+            "measured": {"eta": SchedulerConfig.parse(info["staleness"]).max_staleness, "on_stale": info["on_stale"],
+                         "batch_size": B}}
     return cluster, costs, workload, diag
 
 
