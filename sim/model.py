@@ -1,11 +1,13 @@
 """SimPy model of asynchronous OPD: rollout replicas, teacher replicas, learner and weight sync.
 
-The one idea: the processes own time; the staleness policy is `asyncopd.scheduler.Scheduler`, called exactly as a
-backend calls it (try_admit, on_rollout_done, next_batch, on_learner_step), and every process writes
-`asyncopd.trace.Event`s through `trace.Recorder(lambda: env.now)`. Staleness comes only from the scheduler.
+The one idea: the processes own time; the staleness policy is `asyncopd.scheduler.Scheduler`, reached only through
+`asyncopd.driver.Driver` exactly as a backend reaches it (admit, done, next_batch, stepped: the admit, drop and
+learner_step events are the driver's), and every process writes `asyncopd.trace.Event`s through
+`trace.Recorder(lambda: env.now)`. Staleness comes only from the scheduler; the simulator acts on the uids the
+driver returns (admission times, live count, freed capacity).
 
 Semantics (the choices a calibration must match):
-- Rollout replica: continuous batching up to `max_batch`. At each change of its batch it admits with `try_admit()`
+- Rollout replica: continuous batching up to `max_batch`. At each change of its batch it admits (`Driver.admit`)
   until full or refused, but only once the replicas hold the scheduler's current version (a request of version v
   starts on weights v); the returned version is the behaviour version (weights are never swapped in flight, so
   behav_version == admit_version). Newcomers are prefilled one after another (prefill_s_per_token·prompt_len
@@ -17,19 +19,21 @@ Semantics (the choices a calibration must match):
   No `decode_iter` events are written (the real engines write them for calibration).
 - Teacher: a Store of generated trajectories served by `teacher_replicas` processes; a call takes whatever is
   waiting, up to teacher_max_batch, and costs CostModel.score_s(n, Σ(prompt_len + n_tokens)). Only then are the
-  trajectories handed to `on_rollout_done`.
+  trajectories handed to the scheduler (`Driver.done`).
 - Shared hardware (ClusterShape.placement). teacher_with_rollout: a replica scores its own finished
   trajectories, `score_group` at a time (or all it has when its batch is empty), and neither decodes nor
   admits meanwhile; utilisation counts scoring as teacher time of the replica's device. teacher_with_learner:
   one teacher process and the learner share a PriorityResource of capacity 1; the learner goes first, a
   scoring in progress is finished (no preemption).
 - Learner: waits for `next_batch()`, trains learner_step_s + learner_s_per_token·(response tokens), calls
-  `on_learner_step()` at once (as the concurrent backend does: trajectories delivered from then on count
+  `Driver.stepped` at once (as the concurrent backend does: trajectories delivered from then on count
   against the new version), then spends publish_s handing the weights out. The weights reach the rollout
   replicas weight_sync_s after the step's end (a `weight_sync` span); the learner does not wait for them.
 - Summary: T = time the replicas receive the last weights. A trajectory is "trained" when `next_batch` returns
   it; latency is admission → that moment, in_flight counts admitted, not yet trained and not dropped (Little's
   law holds exactly up to the end effect when nothing is dropped). util_learner counts training, not publishing.
+  staleness_hist and the split come from `Driver.summary()`; weights never change in flight here, so
+  staleness_in_flight_mean is 0 and staleness_in_queue_mean equals staleness_mean.
 
 Run: `events, summary = simulate(ClusterShape(), CostModel(), Workload(), SchedulerConfig(max_staleness=1), 100)`.
 """
@@ -43,6 +47,7 @@ import math
 import numpy as np
 import simpy
 
+from asyncopd.driver import Driver
 from asyncopd.rollout import Trajectory
 from asyncopd.scheduler import Scheduler, SchedulerConfig
 from asyncopd.trace import Event, Recorder
@@ -56,6 +61,7 @@ class _Sim:
         self.env, self.cluster, self.costs, self.workload = env, cluster, costs, workload
         self.sched = Scheduler(sched_cfg)
         self.rec = Recorder(lambda: env.now)
+        self.driver = Driver(self.sched, self.rec)
         self.rng = np.random.default_rng(seed)
         self.teacher_queue = simpy.Store(env)
         shared = cluster.placement == "teacher_with_learner"
@@ -65,7 +71,6 @@ class _Sim:
         self.seq = 0
         self.ready = env.event()             # fires when a trajectory reaches the ready pool
         self.held = 0                        # newest weight version the rollout replicas hold
-        self.next_uid = 0
         self.admit_t: dict[int, float] = {}  # uid -> admission time, until trained or dropped
         n_teacher = {"separate": cluster.teacher_replicas, "teacher_with_rollout": cluster.rollout_replicas,
                      "teacher_with_learner": 1}[cluster.placement]     # devices the teacher runs on
@@ -73,7 +78,6 @@ class _Sim:
         self.busy_from = {k: [None] * len(v) for k, v in self.busy.items()}
         self.n_live, self.live_area, self.live_t = 0, 0.0, 0.0
         self.latencies: list[float] = []
-        self.staleness: list[int] = []
         self.trained_tokens = 0
 
     def wake(self, name: str) -> None:
@@ -94,16 +98,13 @@ class _Sim:
         self.live_area += self.n_live * (now - self.live_t)
         self.n_live, self.live_t = self.n_live + d, now
 
-    def record_drops(self) -> None:
-        """Name the trajectories the scheduler just dropped in the trace; their slots are free again."""
-        dropped = self.sched.pop_dropped()
-        if not dropped:
+    def dropped(self, uids: list[int]) -> None:
+        """The driver dropped (and traced) these trajectories: forget them; their slots are free again."""
+        if not uids:
             return
-        for traj in dropped:
-            self.admit_t.pop(traj.uid)
-            self.rec.instant("drop", uid=traj.uid, version=traj.behav_version,
-                             staleness=self.sched.version - traj.behav_version)
-        self.add_live(-len(dropped))
+        for uid in uids:
+            self.admit_t.pop(uid)
+        self.add_live(-len(uids))
         self.capacity_freed()
 
     def wait_for_capacity(self, rid: int, n_running: int):
@@ -157,12 +158,10 @@ def rollout_replica(env, sim: _Sim, rid: int):
             finished = []
         new = []
         while len(running) + len(new) < c.max_batch and sim.weights_current():
-            w = sim.sched.try_admit()
-            if w is None:
+            admitted = sim.driver.admit(rid)
+            if admitted is None:
                 break
-            uid, n = sim.next_uid, sim.workload.length.sample(sim.rng)
-            sim.next_uid += 1
-            sim.rec.instant("admit", worker=rid, uid=uid, version=w)
+            (uid, w), n = admitted, sim.workload.length.sample(sim.rng)
             sim.admit_t[uid] = env.now
             sim.add_live(+1)
             new.append([n, uid, n, w, env.now])
@@ -200,8 +199,7 @@ def score(env, sim: _Sim, trajs: list[Trajectory], worker: int):
     yield env.timeout(sim.costs.score_s(len(trajs), tokens))
     sim.rec.span("teacher", t0, worker=worker, n_seqs=len(trajs), tokens=tokens)
     for traj in trajs:
-        sim.sched.on_rollout_done(traj)
-        sim.record_drops()
+        sim.dropped(sim.driver.done(traj))
     sim.wake("ready")
 
 
@@ -223,14 +221,13 @@ def teacher_replica(env, sim: _Sim, tid: int):
 
 
 def learner(env, sim: _Sim, steps: int):
-    c, sched, device = sim.costs, sim.sched, sim.learner_device
+    c, driver, device = sim.costs, sim.driver, sim.learner_device
     for _ in range(steps):
-        while (batch := sched.next_batch()) is None:
+        while (batch := driver.next_batch()) is None:
             yield sim.ready
         for traj in batch.trajs:
             sim.latencies.append(env.now - sim.admit_t.pop(traj.uid))
         sim.add_live(-len(batch))
-        sim.staleness += batch.staleness
         sim.trained_tokens += batch.n_tokens
         req = device.request(priority=0) if device is not None else None
         if req is not None:
@@ -239,10 +236,8 @@ def learner(env, sim: _Sim, steps: int):
         sim.set_busy("learner", 0, True)
         yield env.timeout(c.learner_step_s + c.learner_s_per_token * batch.n_tokens)
         sim.set_busy("learner", 0, False)
-        v = sched.on_learner_step()
-        sim.rec.span("learner_step", t0, version=v, n_seqs=len(batch), tokens=batch.n_tokens,
-                     staleness=float(np.mean(batch.staleness)))
-        sim.record_drops()
+        v, dropped = driver.stepped(batch, t0)          # the learner_step span, then the drops it caused
+        sim.dropped(dropped)
         sync = env.process(weight_sync(env, sim, v))
         if c.publish_s > 0:
             yield env.timeout(c.publish_s)
@@ -283,14 +278,16 @@ def simulate(cluster: ClusterShape, costs: CostModel, workload: Workload, sched_
     for role, flags in sim.busy_from.items():
         for i in range(len(flags)):
             sim.set_busy(role, i, False)
-    n = len(sim.staleness)
+    d = sim.driver.summary()
+    hist = d["staleness_hist"]
+    n = sum(hist.values())
     summary = dict(
         samples_per_s=n / T, tokens_per_s=sim.trained_tokens / T,
-        staleness_mean=float(np.mean(sim.staleness)), staleness_max=int(max(sim.staleness)),
+        staleness_mean=sum(k * c for k, c in hist.items()) / n, staleness_max=max(hist),
+        staleness_in_flight_mean=d["staleness_in_flight_mean"], staleness_in_queue_mean=d["staleness_in_queue_mean"],
         util_rollout=sum(sim.busy["rollout"]) / (T * cluster.rollout_replicas),
         util_teacher=sum(sim.busy["teacher"]) / (T * len(sim.busy["teacher"])),
         util_learner=sim.busy["learner"][0] / T,
         in_flight_mean=sim.live_area / T, latency_mean_s=float(np.mean(sim.latencies)),
-        n_events=len(sim.rec.events), duration_s=T, n_dropped=sim.sched.n_dropped,
-        staleness_hist={int(k): int(c) for k, c in zip(*np.unique(sim.staleness, return_counts=True))})
+        n_events=len(sim.rec.events), duration_s=T, n_dropped=sim.sched.n_dropped, staleness_hist=hist)
     return sim.rec.events, summary

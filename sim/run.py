@@ -10,10 +10,11 @@ conf/workload/<file>.yaml; any field overrides as `costs.decode_step_s=0.01`, `w
 A calibrated cost file (`python -m sim.calibrate`) is used with `--config-dir <its folder> cluster=calibrated`.
 
 Outputs in hydra.run.dir: trace.csv + trace.json (Perfetto) in the schema of asyncopd.trace, staleness_hist.csv
-(staleness of every trained trajectory), summary.json (samples_per_s, tokens_per_s, staleness_mean/max,
-util_rollout/teacher/learner, in_flight_mean, latency_mean_s, n_events, ...), and with schedule=true the
-scheduler's operation log (schedule.json). Prints one line of the main figures. Invalid shapes, costs or
-workloads raise ValueError naming the field, so the command exits non-zero.
+(staleness of every trained trajectory), summary.json (samples_per_s, tokens_per_s, staleness_mean/max, the
+staleness split staleness_in_flight_mean / staleness_in_queue_mean, util_rollout/teacher/learner, in_flight_mean,
+latency_mean_s, n_events, ...), and with schedule=true the scheduler's operation log (schedule.json); every file
+is written atomically. Prints one line of the main figures. Invalid shapes, costs or workloads raise ValueError
+naming the field, so the command exits non-zero.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from asyncopd import trace
+from asyncopd.files import atomic_write
 from asyncopd.scheduler import SchedulerConfig
 from sim.costs import ClusterShape, CostModel, Workload
 from sim.model import simulate
@@ -70,7 +72,7 @@ def write_schedule(path: Path, sched_cfg: SchedulerConfig, ops: list[tuple[str, 
     """The scheduler's operation log with the config that produced it; `backends.toy_replay` replays it."""
     doc = {"scheduler": asdict(sched_cfg), "steps": sum(op == "step" for op, _ in ops),
            "staleness_hist": summary["staleness_hist"], "ops": [[op, int(a)] for op, a in ops]}
-    Path(path).write_text(json.dumps(doc))
+    atomic_write(path, json.dumps(doc))
 
 
 def run(cfg: SimConfig, out_dir: Path) -> dict:
@@ -81,10 +83,11 @@ def run(cfg: SimConfig, out_dir: Path) -> dict:
     events, summary = simulate(cfg.cluster, cfg.costs, cfg.workload, cfg.scheduler, cfg.steps, cfg.seed, ops_out=ops)
     trace.write(events, out_dir / "trace.csv")
     trace.to_perfetto(events, out_dir / "trace.json")
-    trace.staleness_hist(summary["staleness_hist"]).to_csv(out_dir / "staleness_hist.csv", index=False)
+    hist = trace.staleness_hist(summary["staleness_hist"])
+    atomic_write(out_dir / "staleness_hist.csv", lambda tmp: hist.to_csv(tmp, index=False))
     if ops is not None:
         write_schedule(out_dir / "schedule.json", cfg.scheduler, ops, summary)
-    (out_dir / "summary.json").write_text(json.dumps(
+    atomic_write(out_dir / "summary.json", json.dumps(
         {**summary, "config": OmegaConf.to_container(OmegaConf.structured(cfg))}, indent=1))
     return summary
 

@@ -47,6 +47,9 @@ def test_exact_event_log_one_replica_eta1():
     assert got == want
     assert s["samples_per_s"] == pytest.approx(6 / 19) and s["duration_s"] == 19.0
     assert s["staleness_mean"] == pytest.approx(2 / 3) and s["staleness_max"] == 1
+    assert s["staleness_hist"] == {0: 2, 1: 4}
+    # weights never change in flight in the simulator: all staleness is queueing
+    assert s["staleness_in_flight_mean"] == 0.0 and s["staleness_in_queue_mean"] == pytest.approx(2 / 3)
     assert s["util_learner"] == pytest.approx(3 / 19) and s["util_teacher"] == pytest.approx(4 / 19)
     # rollout busy: 0→7, 9.5→16.5
     assert s["util_rollout"] == pytest.approx(14 / 19)
@@ -132,6 +135,9 @@ def test_staleness_bound_holds_in_every_trace(seed):
     steps = df[df.kind == "learner_step"]
     assert steps.version.tolist() == list(range(1, 41))
     assert (steps.staleness <= eta).all() and s["staleness_max"] <= eta
+    assert sum(s["staleness_hist"].values()) == 40 * w.batch_size and max(s["staleness_hist"]) == s["staleness_max"]
+    assert s["staleness_in_flight_mean"] == 0.0
+    assert s["staleness_in_queue_mean"] == pytest.approx(s["staleness_mean"], abs=1e-12)
     drops = df[df.kind == "drop"]
     assert (drops.staleness > eta).all()
     assert (drops.version.values == df[df.kind == "rollout"].set_index("uid").version[drops.uid].values).all()

@@ -32,8 +32,10 @@ def test_cli_writes_outputs_and_prints_one_line(tmp_path):
     assert "samples/s" in p.stdout and len(p.stdout.strip().splitlines()) == 1
     s = json.loads((tmp_path / "summary.json").read_text())
     for key in ("samples_per_s", "tokens_per_s", "staleness_mean", "staleness_max", "util_rollout", "util_teacher",
-                "util_learner", "in_flight_mean", "latency_mean_s", "n_events"):
+                "util_learner", "in_flight_mean", "latency_mean_s", "n_events", "staleness_hist"):
         assert key in s
+    assert s["staleness_in_flight_mean"] == 0.0                       # no in-flight weight updates in the sim
+    assert s["staleness_in_queue_mean"] == pytest.approx(s["staleness_mean"])
     assert s["config"]["cluster"]["rollout_replicas"] == 2 and s["config"]["scheduler"]["batch_size"] == 8
     events = trace.read(tmp_path / "trace.csv")
     assert len(events) == s["n_events"]
@@ -46,6 +48,7 @@ def test_cli_writes_outputs_and_prints_one_line(tmp_path):
     sched = json.loads((tmp_path / "schedule.json").read_text())
     assert sched["scheduler"]["max_staleness"] == 2 and sched["steps"] == 12
     assert {str(k): v for k, v in s["staleness_hist"].items()} == sched["staleness_hist"]
+    assert not list(tmp_path.glob(".*.tmp"))                          # atomic writes leave no temporary behind
 
 
 def test_schedule_replays_on_a_bare_scheduler(tmp_path):
