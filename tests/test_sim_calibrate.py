@@ -49,7 +49,7 @@ def synthetic_run(tmp_path, placement="separate", steps=12, B=8):
         t = end + 0.05
     trace.write(ev, tmp_path / "trace.csv")
     (tmp_path / "run_info.json").write_text(json.dumps(
-        {"placement": placement, "rollout_workers": 2, "batch_size": B, "engine_slots": 16, "eta": 1,
+        {"placement": placement, "rollout_workers": 2, "batch_size": B, "engine_slots": 16, "staleness": "1",
          "on_stale": "drop"}))
     return lengths
 
