@@ -1,4 +1,6 @@
-"""The three backend roles as `typing.Protocol`s: any object with these methods plugs in.
+"""The backend roles as `typing.Protocol`s: any object with these methods plugs in. The run loops are annotated
+with them (backends/lockstep.py, replay.py, engine_pump.py, toy_concurrent.py), so each protocol lists exactly
+what some loop calls.
 
 Drivers (the toy backend, the vLLM + FSDP2 backend, test doubles) implement them without inheriting from
 anything. `RolloutEngine` is what the one-process loops use (a batch at once); `StreamingEngine` is what a
@@ -17,6 +19,8 @@ from asyncopd.rollout import Batch, Trajectory
 
 
 class RolloutEngine(Protocol):
+    version: int                         # weight version of the loaded weights
+
     def generate(self, prompts: list[torch.Tensor], uids: list[int]) -> list[Trajectory]:
         """Sample one response per prompt with the currently loaded weights (behaviour log-probs and
         per-token weight versions filled in)."""
@@ -59,3 +63,9 @@ class Learner(Protocol):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The student's current weights, to publish to rollout engines."""
+
+    def save_checkpoint(self, root, *, version: int, ring: dict, state: dict, extra: dict | None = None):
+        """Weights, optimiser state, the ring of past versions and the run's JSON `state` under `root`."""
+
+    def resume_checkpoint(self, root, *, digest: str):
+        """Restore the latest checkpoint under `root` of config `digest`: (path, ring, state), or None."""

@@ -31,7 +31,9 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from asyncopd.driver import Driver
 from asyncopd.objective import cache_layout
+from asyncopd.protocols import Learner, RolloutEngine, Teacher
 from asyncopd.rollout import Batch, scored_tokens
 from asyncopd.scheduler import Scheduler
 from backends.session import RunSession, state_bytes
@@ -60,7 +62,8 @@ def run(cfg, out_dir: Path, parts=lockstep_parts) -> pd.DataFrame:
 class Steps:
     """One lockstep learner step at a time, over the roles and the ring of past weight versions."""
 
-    def __init__(self, cfg, session, driver, engine, teacher, learner, evaluate, ring):
+    def __init__(self, cfg, session: RunSession, driver: Driver, engine: RolloutEngine, teacher: Teacher,
+                 learner: Learner, evaluate, ring: dict):
         self.cfg, self.session, self.driver = cfg, session, driver
         self.engine, self.teacher, self.learner, self.evaluate, self.ring = engine, teacher, learner, evaluate, ring
         self.topk, self.n_samples = cache_layout(cfg.objective)

@@ -30,7 +30,9 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
+from asyncopd.driver import Driver
 from asyncopd.objective import cache_layout
+from asyncopd.protocols import Learner, RolloutEngine, Teacher
 from asyncopd.rollout import Trajectory, dump_trajectories, load_trajectories, scored_tokens
 from asyncopd.scheduler import Scheduler, SchedulerConfig
 from backends.session import RunSession, state_bytes
@@ -99,7 +101,8 @@ def run(cfg, out_dir: Path) -> pd.DataFrame:
 class Replay:
     """The schedule's operations, one `next_op` at a time, over the roles and the ring of past versions."""
 
-    def __init__(self, cfg, session, doc, engine, teacher, learner, evaluate, ring, pending, driver):
+    def __init__(self, cfg, session: RunSession, doc: dict, engine: RolloutEngine, teacher: Teacher, learner: Learner,
+                 evaluate, ring: dict, pending: dict, driver: Driver):
         self.cfg, self.session, self.ops, self.eta = cfg, session, doc["ops"], doc["scheduler"].eta
         self.engine, self.teacher, self.learner, self.evaluate = engine, teacher, learner, evaluate
         self.ring, self.pending, self.driver = ring, pending, driver  # pending: generated, not trained or dropped

@@ -53,7 +53,9 @@ import pandas as pd
 import torch
 
 from asyncopd import trace
+from asyncopd.driver import Driver
 from asyncopd.objective import cache_layout
+from asyncopd.protocols import Learner
 from asyncopd.rollout import scored_tokens
 from asyncopd.scheduler import ON_STALE, Scheduler
 from backends.engine_pump import RolloutPump, admit_round
@@ -241,7 +243,7 @@ def run(cfg, out_dir: Path) -> pd.DataFrame:
         return session.finish(driver, info, model_info)
 
 
-def train(cfg, session: RunSession, driver, workers: Workers, learner, evaluate) -> None:
+def train(cfg, session: RunSession, driver: Driver, workers: Workers, learner: Learner, evaluate) -> None:
     """The learner's loop: admit to capacity, take scored trajectories, train whenever a batch is ready, publish."""
     rec = session.rec
     outstanding, owner = [0] * cfg.concurrent.rollout_workers, {}   # requests per worker; uid -> worker

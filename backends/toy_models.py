@@ -40,6 +40,7 @@ from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from asyncopd.files import atomic_write
 from asyncopd.rollout import Trajectory
 from backends.toy_task import HELDOUT_SEED, SortTask
 
@@ -270,16 +271,6 @@ def cache_key(kind: str, task: SortTask, spec: ModelSpec, *, steps: int, seed: i
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Call write(tmp_path) then rename over `path`: readers see the old file or the whole new one."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _load_or_train(kind: str, task: SortTask, spec: ModelSpec, *, steps: int, seed: int, lr: float,
                    batch_size: int, cache_dir, n_eval: int) -> tuple[GPT2LMHeadModel, dict]:
     root = cache_root(cache_dir)
@@ -306,8 +297,8 @@ def _load_or_train(kind: str, task: SortTask, spec: ModelSpec, *, steps: int, se
                 torch_threads=torch.get_num_threads(), cache_version=CACHE_VERSION)
     log.info("trained %s %s: accuracy %.3f in %.1f s", kind, key, accuracy, train_s)
     root.mkdir(parents=True, exist_ok=True)
-    _write_atomic(weights, lambda tmp: save_model(model, str(tmp)))
-    _write_atomic(sidecar, lambda tmp: tmp.write_text(json.dumps(info, indent=2)))
+    atomic_write(weights, lambda tmp: save_model(model, str(tmp)))
+    atomic_write(sidecar, json.dumps(info, indent=2))
     return model, {**info, "cached": False, "path": str(weights)}
 
 

@@ -34,6 +34,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from asyncopd.files import atomic_write
 from asyncopd.objective import ObjectiveConfig
 from backends import toy
 from backends.run import RunConfig, run as run_backend
@@ -66,8 +67,7 @@ def run_cell(rc: RunConfig, cell_dir: Path, digest: str) -> None:
     shutil.rmtree(cell_dir, ignore_errors=True)
     run_backend(rc, cell_dir)                                 # writes metrics.csv at its last step
     shutil.rmtree(cell_dir / "checkpoint")                    # a finished cell is never resumed
-    (cell_dir / "done.json.tmp").write_text(json.dumps({"digest": digest, "config": asdict(rc)}, default=str))
-    (cell_dir / "done.json.tmp").replace(cell_dir / "done.json")
+    atomic_write(cell_dir / "done.json", json.dumps({"digest": digest, "config": asdict(rc)}, default=str))
 
 
 def run_all(sweep: list[dict], toy_cfg: toy.ToyConfig, *, workers: int, desc: str) -> pd.DataFrame:
