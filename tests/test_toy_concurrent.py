@@ -134,3 +134,29 @@ def test_ctrl_c_stops_every_process_and_keeps_the_checkpoint(model_cache, tmp_pa
         return out
     assert not alive()                                      # zombies awaiting init's reaping do not count
     assert checkpoint.latest(tmp_path / "checkpoint") is not None
+
+
+EXIT_PROBE = """
+import types
+
+import torch
+
+from backends.run import RunConfig
+from backends.toy_concurrent import Workers
+cfg = RunConfig(exec="concurrent", staleness="1")
+session = types.SimpleNamespace(rec=types.SimpleNamespace(origin=0.0), start=0)
+workers = Workers(cfg, session, torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))   # never started: no reader
+workers.publish(1, {"w": torch.zeros(1_000_000)})       # 4 MB into a pipe nobody drains
+workers.shutdown()                                      # without it, this interpreter never exits
+"""
+
+
+def test_unread_weights_do_not_hold_the_learner_exit():
+    """A worker that stops reading its weights queue (dead, or already stopping) must not hold the learner's
+    exit: a multiprocessing queue's feeder thread blocks on a full pipe, and the interpreter joins it at exit
+    unless shutdown releases the queue. (This was a Ctrl-C that did not end the run on a loaded machine.)"""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", EXIT_PROBE], cwd=root, timeout=60, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
