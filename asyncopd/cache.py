@@ -159,8 +159,15 @@ class TeacherScores:
         return self.n_tokens * bytes_per_token(k=self.k, n_samples=self.M, sampler_logp=self.sampler_logp is not None)
 
 
-def check_scorable(trajs: list[Trajectory], n_samples: int) -> None:
-    """Every teacher's precondition: token ids present, and >= n_samples captured samples per token."""
+def check_scorable(trajs: list[Trajectory], topk: int, n_samples: int, *, max_topk: int | None = None,
+                   max_samples: int | None = None) -> None:
+    """Every teacher's precondition: 0 <= topk <= max_topk, 0 <= n_samples <= max_samples (None: no bound),
+    token ids present, and >= n_samples captured samples per token."""
+    if topk < 0 or (max_topk is not None and topk > max_topk):
+        raise ValueError(f"topk must be in [0, {max_topk if max_topk is not None else '∞'}], got {topk}")
+    if n_samples < 0 or (max_samples is not None and n_samples > max_samples):
+        raise ValueError(f"n_samples must be in [0, {max_samples if max_samples is not None else '∞'}], "
+                         f"got {n_samples}")
     for t in trajs:
         if t.prompt_ids is None or t.response_ids is None:
             raise ValueError(f"trajectory {t.uid} has no token ids (a Trajectory.fake cannot be scored)")

@@ -42,11 +42,7 @@ class ToyTeacher:
     @torch.inference_mode()
     def score(self, trajs: list[Trajectory], *, topk: int, n_samples: int) -> list[TeacherScores]:
         """Teacher log-probs for every response token of every trajectory, in the order given."""
-        if not 0 <= topk <= self.vocab_size:
-            raise ValueError(f"topk must be in [0, vocab_size={self.vocab_size}], got {topk}")
-        if n_samples < 0:
-            raise ValueError(f"n_samples must be >= 0, got {n_samples}")
-        check_scorable(trajs, n_samples)
+        check_scorable(trajs, topk, n_samples, max_topk=self.vocab_size)
         out = []
         for i in range(0, len(trajs), self.batch_size):
             out += self._score_batch(trajs[i:i + self.batch_size], topk, n_samples)

@@ -172,10 +172,14 @@ def test_check_scorable_needs_ids_and_enough_captured_samples():
     traj = Trajectory(uid=7, behav_version=0, n_tokens=L, prompt_ids=torch.tensor([1, 2]),
                       response_ids=torch.tensor([3, 4, 5]), sample_ids=torch.zeros(L, M, dtype=torch.long),
                       sample_behav_logp=torch.zeros(L, M))
-    check_scorable([traj], n_samples=M)                        # ids and M captured samples: scorable
+    check_scorable([traj], 0, n_samples=M)                     # ids and M captured samples: scorable
     check_scorable([Trajectory(uid=8, behav_version=0, n_tokens=1, prompt_ids=torch.tensor([1]),
-                               response_ids=torch.tensor([2]))], n_samples=0)
+                               response_ids=torch.tensor([2]))], 4, n_samples=0, max_topk=4)
     with pytest.raises(ValueError, match="trajectory 7 carries 2 captured samples per token, n_samples=3"):
-        check_scorable([traj], n_samples=M + 1)
+        check_scorable([traj], 0, n_samples=M + 1)
     with pytest.raises(ValueError, match="trajectory 0 has no token ids"):
-        check_scorable([Trajectory.fake(0, 3, 0)], n_samples=0)
+        check_scorable([Trajectory.fake(0, 3, 0)], 0, n_samples=0)
+    with pytest.raises(ValueError, match=r"topk must be in \[0, 4\], got 5"):
+        check_scorable([traj], 5, n_samples=0, max_topk=4)
+    with pytest.raises(ValueError, match=r"n_samples must be in \[0, 2\], got 3"):
+        check_scorable([traj], 0, n_samples=3, max_samples=2)

@@ -69,11 +69,7 @@ class VLLMTeacher:
 
     def score(self, trajs: list[Trajectory], *, topk: int, n_samples: int) -> list[TeacherScores]:
         """Teacher log-probs for every response token of every trajectory, in the order given."""
-        if topk < 0:
-            raise ValueError(f"topk must be >= 0, got {topk}")
-        if not 0 <= n_samples <= MAX_LOGPROB_TOKEN_IDS:
-            raise ValueError(f"n_samples must be in [0, {MAX_LOGPROB_TOKEN_IDS}], got {n_samples}")
-        check_scorable(trajs, n_samples)
+        check_scorable(trajs, topk, n_samples, max_samples=MAX_LOGPROB_TOKEN_IDS)
         out = []
         for i in range(0, len(trajs), self.batch_size):
             out += self._score_batch(trajs[i:i + self.batch_size], topk, n_samples)
