@@ -66,6 +66,11 @@ def config_digest(cfg) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def block_prompts(task, seed: int, block: int, batch_size: int) -> list:
+    """The prompts of uids block·B .. block·B + B − 1 of a run with this seed (uid u is prompt u mod B)."""
+    return task.make_prompts(batch_size, seed=seed * PROMPT_SEED_STRIDE + block)
+
+
 def state_bytes(sd: dict[str, torch.Tensor]) -> int:
     """Bytes of a state dict: what a weight sync moves."""
     return sum(t.numel() * t.element_size() for t in sd.values())
@@ -140,7 +145,7 @@ class RunSession:
         """The prompt of trajectory `uid` (the same in every mode)."""
         b = uid // self.B
         if self._block[0] != b:
-            self._block = (b, self.task.make_prompts(self.B, seed=self.cfg.seed * PROMPT_SEED_STRIDE + b))
+            self._block = (b, block_prompts(self.task, self.cfg.seed, b, self.B))
         return self._block[1][uid % self.B]
 
     # --- per step ---------------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ from asyncopd.rollout import Batch
 from asyncopd.scheduler import SchedulerConfig
 from backends import toy
 from backends.run import RunConfig
+from backends.session import block_prompts
 from backends.toy_engine import ToyRolloutEngine
 from backends.toy_learner import ToyLearner
 from backends.toy_models import response_logits
@@ -62,7 +63,7 @@ from studies.cells import PRESETS, markdown, preset
 plt.switch_backend("Agg")
 log = logging.getLogger(__name__)
 
-GRAD_PROMPT_SEED = 2**30                # prompts of the gradient comparison (+ seed); training uses seed·1_000_003 + v
+GRAD_PROMPT_SEED = 2**30                # prompts of the gradient comparison (+ seed); training uses the run's prompts (backends.session.block_prompts)
 TRAIN_LAYOUTS = {                       # trainable layouts: name -> ObjectiveConfig fields (the cache each one needs)
     "teacher_top1_bucket": dict(estimator="forward_kl_topk", topk=1, tail="bucket"),
     "teacher_top4_bucket": dict(estimator="forward_kl_topk", topk=4, tail="bucket"),
@@ -146,7 +147,7 @@ def toy_settings(cfg: Config):
     ring = {0: learner.state_dict()}
     for v in range(K):                                           # the drift run: on-policy, one version per step
         engine.load_weights(ring[v], v)
-        trajs = engine.generate(task.make_prompts(B, seed=cfg.seed * 1_000_003 + v), list(range(v * B, (v + 1) * B)))
+        trajs = engine.generate(block_prompts(task, cfg.seed, v, B), list(range(v * B, (v + 1) * B)))
         learner.step(Batch(trajs, v), teacher.score(trajs, topk=topk, n_samples=M))
         ring[v + 1] = learner.state_dict()
     behav_model = copy.deepcopy(student_model).eval()
