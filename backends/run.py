@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from asyncopd.objective import ObjectiveConfig
 from asyncopd.scheduler import SchedulerConfig
+from backends.health import HealthConfig
 from backends.ray_run import RayConfig, check_fits
 from backends.toy import ToyConfig
 from backends.toy_concurrent import ConcurrentConfig
@@ -49,6 +50,8 @@ class RunConfig:
     seed: int = 0                        # prompts and sampling; models have their own toy.model_seed
     resume: bool = False                 # continue from the last checkpoint in the output folder
     logger: str = "csv"                  # csv | tensorboard (metrics.csv is always written)
+    keep_checkpoints: int = 3            # checkpoints kept, newest first (a damaged one falls back), >= 1
+    health: HealthConfig = field(default_factory=HealthConfig)              # collapse detection (backends/health.py)
     toy: ToyConfig = field(default_factory=ToyConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     concurrent: ConcurrentConfig = field(default_factory=ConcurrentConfig)   # exec=concurrent and exec=ray
@@ -59,6 +62,8 @@ class RunConfig:
         for name, allowed in (("backend", BACKENDS), ("exec", EXECS), ("logger", LOGGERS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not isinstance(self.keep_checkpoints, int) or self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be an int >= 1, got {self.keep_checkpoints!r}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.seed < 0:

@@ -59,9 +59,10 @@ PROMPT_SEED_STRIDE = 1_000_003           # block b of prompts comes from seed (s
 
 
 def config_digest(cfg) -> str:
-    """What a resumed run must share with the one it continues: everything but steps, resume, logger and the Ray
-    placement (a run may move from a local instance to a cluster), and the vllm_fsdp keys of a toy run."""
-    skip = {"steps", "resume", "logger", "ray"} | ({"vllm_fsdp"} if cfg.backend == "toy" else set())
+    """What a resumed run must share with the one it continues: everything but steps, resume, logger, the Ray
+    placement (a run may move from a local instance to a cluster), how many checkpoints are kept, the health
+    check's thresholds, and the vllm_fsdp keys of a toy run."""
+    skip = {"steps", "resume", "logger", "ray", "keep_checkpoints", "health"} | ({"vllm_fsdp"} if cfg.backend == "toy" else set())
     keep = {k: v for k, v in asdict(cfg).items() if k not in skip}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
