@@ -5,20 +5,57 @@ A checkpoint is a directory `ckpt-<version>/` holding
     optimizer.safetensors   the optimiser's per-parameter state (AdamW moments and step counts)
     ring.safetensors        past weight versions a lockstep run still samples from (fixed:k keeps k+1)
     state.json              everything else: version, optimiser hyper-parameters, counters, config digest
-It is written completely under a temporary name, renamed into place, and only then does the one-line file
+It is written completely under a temporary name, verified (every safetensors file's header read back, its
+size checked against the header, state.json parsed), renamed into place, and only then does the one-line file
 `latest` switch to it (write + os.replace). A crash leaves either the previous checkpoint or the new one
-readable, never a mix; older directories are deleted after the switch.
+readable, never a mix. `prune` keeps the newest `keep` checkpoints (the run's keep_checkpoints, default 3).
+
+Reading trusts nothing: safetensors and JSON only (nothing in a checkpoint is unpickled or executed), and a
+damaged file (truncated, unreadable, missing) raises `CheckpointError` naming it. `resume` tries the
+checkpoint `latest` names, then the older ones, newest first, and says which damaged file it skipped.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+FILES = ("student.safetensors", "optimizer.safetensors", "ring.safetensors", "state.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing or damaged; the message names the file."""
+
+
+def verify(path: Path) -> None:
+    """Read back what a checkpoint directory must hold: each safetensors header (and the file size it implies)
+    and state.json. Raises CheckpointError naming the first bad file."""
+    for name in FILES:
+        f = path / name
+        try:
+            if name.endswith(".json"):
+                json.loads(f.read_text())
+                continue
+            with safe_open(str(f), framework="pt") as st:
+                keys = list(st.keys())
+            with open(f, "rb") as fh:
+                header = int.from_bytes(fh.read(8), "little")
+                meta = json.loads(fh.read(header))
+            end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
+            if f.stat().st_size != 8 + header + end or len(keys) != len(meta) - ("__metadata__" in meta):
+                raise CheckpointError(f"{f}: size {f.stat().st_size} B, the header describes {8 + header + end} B")
+        except CheckpointError:
+            raise
+        except (OSError, ValueError, SafetensorError, KeyError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{f}: {type(err).__name__}: {err}") from None
 
 
 def _flat_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -60,15 +97,27 @@ def save(root: Path, *, version: int, model: torch.nn.Module, optimizer: torch.o
     for f in tmp.iterdir():                                   # data on disk before the rename makes it visible
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
+    verify(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     pointer = root / "latest.tmp"
     pointer.write_text(final.name)
     os.replace(pointer, root / "latest")
-    for old in root.glob("ckpt-*"):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def versions(root: Path) -> list[Path]:
+    """Complete checkpoint directories under `root`, newest first (the one `latest` names leads)."""
+    found = sorted((p for p in root.glob("ckpt-*") if p.is_dir() and not p.name.endswith(".tmp")),
+                   key=lambda p: p.name, reverse=True)
+    first = root / (root / "latest").read_text().strip() if (root / "latest").exists() else None
+    return ([first] if first in found else []) + [p for p in found if p != first]
+
+
+def prune(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (never the one `latest` names)."""
+    for old in versions(root)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def latest(root: Path) -> Path | None:
@@ -84,7 +133,9 @@ def latest(root: Path) -> Path | None:
 
 def load(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer
          ) -> tuple[dict[int, dict[str, torch.Tensor]], dict]:
-    """Restore model and optimizer in place from checkpoint directory `path`; returns (ring, state)."""
+    """Restore model and optimizer in place from checkpoint directory `path` (verified first: a damaged file
+    raises CheckpointError before anything is loaded); returns (ring, state)."""
+    verify(path)
     state = json.loads((path / "state.json").read_text())
     model.load_state_dict(load_file(path / "student.safetensors"))
     optimizer.load_state_dict(_unflat_optimizer(load_file(path / "optimizer.safetensors"), state.pop("optimizer")))
@@ -96,14 +147,30 @@ def load(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 
 
 def resume(root: Path, *, digest: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
-    """Restore the latest checkpoint under `root` written by a config with this `digest`: (path, ring, state),
-    or None if there is none. A checkpoint of a different config raises ValueError (only steps may change)."""
-    path = latest(root)
-    if path is None:
-        return None
-    ring, state = load(path, model=model, optimizer=optimizer)
-    check_digest(path, state, digest)
-    return path, ring, state
+    """Restore the newest loadable checkpoint under `root` written by a config with this `digest`: (path, ring,
+    state), or None if there is none. A checkpoint of a different config raises ValueError (only steps may change)."""
+    return first_loadable(root, lambda path: load(path, model=model, optimizer=optimizer), digest)
+
+
+def first_loadable(root: Path, load_fn, digest: str):
+    """(path, *load_fn(path)) for the newest checkpoint that loads, skipping damaged ones with a warning that
+    names the bad file; None without checkpoints; CheckpointError when every one is damaged."""
+    paths = versions(root) if root.exists() else []
+    bad = []
+    for path in paths:
+        try:
+            ring, state = load_fn(path)
+        except CheckpointError as err:
+            bad.append(str(err))
+            log.warning("checkpoint %s is damaged (%s); falling back to an older one", path, err)
+            continue
+        check_digest(path, state, digest)
+        if bad:
+            log.warning("resuming from %s, the newest checkpoint that loads", path)
+        return path, ring, state
+    if bad:
+        raise CheckpointError(f"no checkpoint under {root} loads: " + "; ".join(bad))
+    return None
 
 
 def check_digest(path: Path, state: dict, digest: str) -> None:

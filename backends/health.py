@@ -6,9 +6,10 @@ the student falls apart: accuracy gone, the gradient exactly zero, responses shr
 dominated by truncated or repetitive rollouts (StableOPD's length inflation). Each signal compares a metrics row
 with the run's own starting point (the step-0 evaluation, the first trained batch):
 
-    accuracy          accuracy < accuracy_frac · initial accuracy           (held-out greedy, eval steps)
+    accuracy          accuracy < accuracy_frac · initial accuracy, and at least min_accuracy_drop below it
+                      (held-out greedy, eval steps; the absolute floor keeps a weak student's noise quiet)
     reverse KL        eval_reverse_kl > kl_factor · initial eval_reverse_kl (held-out, eval steps)
-    zero gradient     grad_norm == 0 exactly while the loss is finite and non-zero
+    zero gradient     grad_norm == 0 exactly (a whole batch without gradient: every token masked or clipped away)
     length collapse   response_len_mean < length_frac · the first batch's response_len_mean
     truncation        truncation_rate > max_truncation
     repetition        repetition_rate > max_repetition
@@ -35,6 +36,7 @@ class HealthConfig:
     on_collapse: str = "stop"            # stop: end the run with an error (non-zero exit) | warn: log and go on
     patience: int = 3                    # unhealthy steps in a row that make a collapse, >= 1
     accuracy_frac: float = 0.25          # accuracy below this fraction of the initial accuracy, in [0, 1]
+    min_accuracy_drop: float = 0.1       # ... and at least this far below it (absolute), in [0, 1]
     kl_factor: float = 10.0              # held-out reverse KL above this multiple of the initial one, >= 1
     length_frac: float = 0.2             # mean response length below this fraction of the first batch's, in [0, 1]
     max_truncation: float = 0.9          # truncated share of the batch above this, in [0, 1]
@@ -45,7 +47,7 @@ class HealthConfig:
             raise ValueError(f"health.on_collapse must be one of {ON_COLLAPSE}, got {self.on_collapse!r}")
         if not isinstance(self.patience, int) or self.patience < 1:
             raise ValueError(f"health.patience must be an int >= 1, got {self.patience!r}")
-        for name, lo, hi in (("accuracy_frac", 0, 1), ("kl_factor", 1, math.inf), ("length_frac", 0, 1),
+        for name, lo, hi in (("accuracy_frac", 0, 1), ("min_accuracy_drop", 0, 1), ("kl_factor", 1, math.inf), ("length_frac", 0, 1),
                              ("max_truncation", 0, 1), ("max_repetition", 0, 1)):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and not math.isnan(v) and lo <= v <= hi):
@@ -90,13 +92,13 @@ class HealthCheck:
     def signals(self, row: dict) -> list[str]:
         c, init, ev = self.cfg, self.initial, self.last_eval
         out = []
-        if "accuracy" in init and ev["accuracy"] < c.accuracy_frac * init["accuracy"]:
+        if "accuracy" in init and (ev["accuracy"] < c.accuracy_frac * init["accuracy"]
+                                   and init["accuracy"] - ev["accuracy"] >= c.min_accuracy_drop):
             out.append(f"accuracy {init['accuracy']:.3g} -> {ev['accuracy']:.3g}")
         if "eval_reverse_kl" in init and ev["eval_reverse_kl"] > c.kl_factor * max(init["eval_reverse_kl"], 1e-12):
             out.append(f"held-out reverse KL {init['eval_reverse_kl']:.3g} -> {ev['eval_reverse_kl']:.3g}")
-        loss, grad = _num(row, "loss"), _num(row, "grad_norm")
-        if grad == 0.0 and loss not in (None, 0.0):
-            out.append(f"gradient norm exactly 0 (loss {loss:.4g})")
+        if _num(row, "grad_norm") == 0.0:
+            out.append(f"gradient norm exactly 0 (loss {row.get('loss')})")
         length = _num(row, "response_len_mean")
         if length is not None and length < c.length_frac * init["response_len_mean"]:
             out.append(f"mean response length {init['response_len_mean']:.3g} -> {length:.3g}")

@@ -27,6 +27,7 @@ columns in every mode:
                                    the scheduler's counters over the whole run (Driver.counts)
     step_s, learner_s, samples_per_s          wall clock (WALL_CLOCK_COLUMNS: not reproducible)
     accuracy, eval_reverse_kl, eval_forward_kl, eval_response_len            every eval_every steps, else NaN
+    health                         "ok", or the collapse signals that fired at this step (backends/health.py)
 
 Per-mode extras (MODE_EXTRAS): lockstep adds rollout_s and teacher_s (its phases are sequential, so they
 are meaningful) and the rollout mixture's mixture_frac, mixture_len_mean, mixture_accuracy.
@@ -50,6 +51,7 @@ from asyncopd.driver import Driver, split
 from asyncopd.estimators import ngram_repetition, truncation_rate
 from asyncopd.files import atomic_write
 from backends import checkpoint
+from backends.health import CollapseError, HealthCheck
 
 log = logging.getLogger(__name__)
 WALL_CLOCK_COLUMNS = ("step_s", "rollout_s", "teacher_s", "learner_s", "samples_per_s")   # not reproducible
@@ -106,6 +108,7 @@ class RunSession:
         self.B = cfg.toy.batch_size
         self._block: tuple[int, list | None] = (-1, None)
         self._writer = _tensorboard(self.out_dir) if cfg.logger == "tensorboard" else None
+        self.health = HealthCheck(cfg.health)
 
     def __enter__(self) -> RunSession:
         return self
@@ -130,6 +133,8 @@ class RunSession:
         path, ring, state = got
         self.start = int(state["version"])
         self.rows = pd.read_csv(self.out_dir / "metrics.csv").query("step <= @self.start").to_dict("records")
+        for row in self.rows:                             # the health check's baselines and streak, as they were
+            self.health(row)
         self.rec.events = trace.from_frame(trace.read(self.out_dir / "trace.csv").iloc[:state["n_events"]])
         self.rec.origin = self.clock() - state["t_ckpt"]
         log.info("resumed from %s at version %d", path, self.start)
@@ -176,12 +181,31 @@ class RunSession:
                 "step_s": step_s, "learner_s": learner_s, "samples_per_s": (n_samples or len(batch)) / step_s, **extras}
 
     def record(self, row: dict) -> None:
-        """Append a finished row; with logger=tensorboard its numbers become scalars at step `version`."""
+        """Append a finished row, with its `health` (backends/health.py): "ok" or the collapse signals that fired.
+        With logger=tensorboard its numbers become scalars at step `version`. A collapse (signals `patience`
+        steps in a row) is logged, and with health.on_collapse=stop ends the run: metrics.csv is written, then
+        CollapseError is raised."""
+        fired = self.health(row)
+        row["health"] = "; ".join(fired) or "ok"
         self.rows.append(row)
         if self._writer is not None:
             for key, val in row.items():
                 if isinstance(val, (int, float)) and not isinstance(val, bool) and key not in ("step", "version"):
                     self._writer.add_scalar(key, val, row["version"])
+        if self.health.collapsed:
+            self._collapse(row)
+
+    def _collapse(self, row: dict) -> None:
+        cfg = self.cfg.health
+        last = self.last_checkpoint()
+        msg = (f"training collapsed at step {row['step']}: {row['health']} ({cfg.patience} unhealthy steps in a row; "
+               f"thresholds: health.*). The last checkpoint is {last if last is not None else 'none'}")
+        if cfg.on_collapse == "warn":
+            log.warning("%s; going on (health.on_collapse=warn)", msg)
+            return
+        df = pd.DataFrame(self.rows)
+        atomic_write(self.out_dir / "metrics.csv", lambda tmp: df.to_csv(tmp, index=False))
+        raise CollapseError(f"{msg}. Stopped (health.on_collapse=stop; set health.on_collapse=warn to go on)")
 
     def last_checkpoint(self) -> Path | None:
         return checkpoint.latest(self.ckpt_root) if (self.ckpt_root / "latest").exists() else None
@@ -207,11 +231,13 @@ class RunSession:
     def checkpoint(self, version: int, driver: Driver, store, *, ring: dict | None = None,
                    state: dict | None = None, extra: dict[str, bytes] | None = None) -> None:
         """Write the tables, then `store(ckpt_root, version=, ring=, state=, extra=)` (the learner's
-        save_checkpoint, or a call into its actor) with the session's and the driver's resume state."""
+        save_checkpoint, or a call into its actor) with the session's and the driver's resume state; keep the
+        newest keep_checkpoints checkpoints."""
         self.write_tables(driver)
         store(self.ckpt_root, version=version, ring=ring or {}, extra=extra,
               state={"config_digest": self.digest, "n_events": len(self.rec.events), "t_ckpt": self.rec.now(),
                      "driver": driver.state(), **(state or {})})
+        checkpoint.prune(self.ckpt_root, self.cfg.keep_checkpoints)
 
     def finish(self, driver: Driver, info: dict, model_info: dict) -> pd.DataFrame:
         """The final files: tables, trace.json with `info` as its metadata, run_info.json, models.json."""

@@ -92,10 +92,7 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
 
 
 def resume(root: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, digest: str):
-    """backends.checkpoint.resume for a sharded model (collective): restore the latest checkpoint under `root`
-    written by a config with this `digest` and return (path, ring, state), or None if there is none."""
-    if (path := checkpoint.latest(root)) is None:
-        return None
-    ring, state = load(path, model, optimizer)
-    checkpoint.check_digest(path, state, digest)
-    return path, ring, state
+    """backends.checkpoint.resume for a sharded model (collective): restore the newest loadable checkpoint under
+    `root` written by a config with this `digest` and return (path, ring, state), or None if there is none.
+    Every rank reads the same files, so every rank skips the same damaged ones."""
+    return checkpoint.first_loadable(root, lambda path: load(path, model, optimizer), digest)
