@@ -160,3 +160,63 @@ def test_unread_weights_do_not_hold_the_learner_exit():
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", EXIT_PROBE], cwd=root, timeout=60, capture_output=True)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
+
+
+def start_cli_run(model_cache, out: Path):
+    """A concurrent CLI run, returned once it has written a checkpoint, with the pids of its children
+    (workers and multiprocessing's resource tracker)."""
+    import subprocess
+    import sys
+    import time
+    root = Path(__file__).resolve().parents[1]
+    args = [sys.executable, "-m", "backends.run", "exec=concurrent", "staleness=1", "steps=400",
+            *[f"toy.{k}={v}" for k, v in TINY.items()], f"hydra.run.dir={out}"]
+    proc = subprocess.Popen(args, cwd=root, env={**os.environ, "ASYNCOPD_CACHE": model_cache},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (out / "checkpoint" / "latest").exists():
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read()
+    family = {int(c) for t in Path(f"/proc/{proc.pid}/task").iterdir() for c in (t / "children").read_text().split()}
+    assert len(family) >= 2                                   # rollout worker, teacher (and the resource tracker)
+    return proc, family
+
+
+def survivors(pids: set[int], within_s: float) -> dict:
+    """The pids still running (zombies awaiting their reaper do not count) after waiting up to within_s."""
+    import time
+    deadline = time.monotonic() + within_s
+    while True:
+        alive = {}
+        for p in pids:
+            try:
+                state = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                cmd = Path(f"/proc/{p}/cmdline").read_bytes()[:120]
+            except OSError:
+                continue
+            if state != "Z":
+                alive[p] = cmd
+        if not alive or time.monotonic() > deadline:
+            return alive
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_learner_leaves_no_worker(model_cache, tmp_path):
+    """kill -9 gives the learner no chance to clean up: its workers notice that their parent is gone and exit
+    (the teacher used to block forever on a pipe write, ~480 MB resident, re-parented to PID 1)."""
+    import signal
+    proc, family = start_cli_run(model_cache, tmp_path)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    assert not survivors(family, within_s=30)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_process_and_keeps_the_checkpoint(model_cache, tmp_path):
+    import signal
+    from backends import checkpoint
+    proc, family = start_cli_run(model_cache, tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    assert not survivors(family, within_s=10)
+    assert checkpoint.latest(tmp_path / "checkpoint") is not None
