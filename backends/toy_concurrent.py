@@ -98,7 +98,8 @@ class ConcurrentConfig:
 # --- children ------------------------------------------------------------------------------------------------
 
 def _dumps(obj) -> bytes:
-    """Pickle with tensors as numpy arrays: torch's own tensor pickling (a torch.save per tensor) costs ~0.1 ms
+    """Pickle between this run's own live processes only (nothing in a run folder is ever unpickled): with tensors
+    as numpy arrays: torch's own tensor pickling (a torch.save per tensor) costs ~0.1 ms
     each, tens of ms per batch of trajectories; a numpy array pickles as one buffer."""
     buf = io.BytesIO()
     p = pickle.Pickler(buf, protocol=pickle.HIGHEST_PROTOCOL)
