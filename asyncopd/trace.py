@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
 import pandas as pd
 
 from asyncopd.files import atomic_write
@@ -82,17 +83,41 @@ def staleness_hist(counts: dict[int, int]) -> pd.DataFrame:
     return df
 
 
-def _validated(df: pd.DataFrame, source: str) -> pd.DataFrame:
-    """df with exactly the schema's columns, in order and with its dtypes; ValueError naming what is wrong."""
+INT_COLUMNS = tuple(c for c in COLUMNS if DTYPES[c] == "int64")
+FLOAT_COLUMNS = ("t", "dur_s", "staleness")
+LOWER_BOUNDS = {"dur_s": 0, "worker": 0, "n_seqs": 0, "tokens": 0, "bytes": 0, "version": -1, "uid": -1}  # as Event
+
+
+def _validated(df: pd.DataFrame, source: str, line_offset: int | None = None) -> pd.DataFrame:
+    """df with exactly the schema's columns, in order and with its dtypes; ValueError naming the source, the
+    column and the first bad row (and its line in the file when `line_offset` is given: 2 for a CSV's header)."""
     missing = [c for c in COLUMNS if c not in df.columns]
     extra = [c for c in df.columns if c not in COLUMNS]
     if missing or extra:
         raise ValueError(f"{source}: trace columns differ from the schema: missing {missing}, extra {extra}")
-    df = df.loc[:, list(COLUMNS)].astype(DTYPES).reset_index(drop=True)
+    df = df.loc[:, list(COLUMNS)].reset_index(drop=True)
+
+    def bad(col: str, mask: pd.Series, need: str, more: str = "") -> None:
+        r = int(mask.to_numpy().argmax())                              # the first bad row
+        v = df[col].iloc[r]
+        line = f" (line {r + line_offset})" if line_offset is not None else ""
+        shown = repr(v) if isinstance(v, str) else v                   # 'abc', nan, -0.5
+        raise ValueError(f"{source}: column {col!r} must hold {need}; row {r}{line} has {shown}{more}")
+
+    for col in INT_COLUMNS + FLOAT_COLUMNS:
+        x = pd.to_numeric(df[col], errors="coerce").astype("float64")  # non-numeric -> NaN
+        if (m := ~np.isfinite(x)).any():
+            bad(col, m, "finite numbers" if col in FLOAT_COLUMNS else "integers")
+        if col in INT_COLUMNS and (m := x != np.round(x)).any():
+            bad(col, m, "integers")
+        if col in LOWER_BOUNDS and (m := x < LOWER_BOUNDS[col]).any():
+            bad(col, m, f"values >= {LOWER_BOUNDS[col]}")
+        df[col] = pd.to_numeric(df[col])                               # e.g. "3.0" read as text, cast below
     for col, allowed in (("kind", KINDS), ("role", ROLES)):
-        if bad := sorted(set(df[col]) - set(allowed)):
-            raise ValueError(f"{source}: unknown {col} values {bad}; allowed {allowed}")
-    return df
+        if (m := ~df[col].isin(allowed)).any():
+            unknown = sorted(set(df[col][m].astype(str)))
+            bad(col, m, f"one of {', '.join(allowed)}", f" (unknown {col} values {unknown})")
+    return df.astype(DTYPES)
 
 
 def from_frame(df: pd.DataFrame) -> list[Event]:
@@ -120,14 +145,28 @@ def write(events_or_frame, path) -> None:
 
 
 def read(path) -> pd.DataFrame:
-    """Read a trace written by `write` (or any producer of the schema); checks columns, kinds and roles."""
+    """Read a trace written by `write` (or any producer of the schema). Any problem (no file, empty, not UTF-8,
+    not CSV/Parquet, columns, a non-integer, NaN/inf or negative value, an unknown kind or role) is one ValueError
+    that starts with the path and names the column and the first bad row (and its line in a CSV)."""
     path = Path(path)
-    if path.suffix == ".csv":
-        df = pd.read_csv(path)
-    elif path.suffix == ".parquet":
-        df = pd.read_parquet(path)
-    else:
+    if path.suffix not in (".csv", ".parquet"):
         raise ValueError(f"{path}: trace suffix must be .csv or .parquet, got {path.suffix!r}")
+    if not path.is_file():
+        raise ValueError(f"{path}: " + ("not a file" if path.exists() else "no such file"))
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file; a trace has at least the header row {','.join(COLUMNS)}")
+    if path.suffix == ".csv":
+        try:
+            df = pd.read_csv(path, encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not UTF-8 text, so not a CSV trace ({err})") from None
+        except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+            raise ValueError(f"{path}: not a CSV trace: {str(err).strip()}") from None
+        return _validated(df, str(path), line_offset=2)            # line 1 is the header
+    try:
+        df = pd.read_parquet(path)
+    except (OSError, ValueError) as err:                           # pyarrow's ArrowInvalid is a ValueError
+        raise ValueError(f"{path}: not a Parquet trace: {err}") from None
     return _validated(df, str(path))
 
 

@@ -41,36 +41,104 @@ from backends.toy import lockstep_parts
 log = logging.getLogger(__name__)
 
 
+OPS = ("admit", "done", "batch", "step")        # the operation log's names (asyncopd/scheduler.py)
+
+
 def load_schedule(path: str | Path, batch_size: int, steps: int) -> dict:
-    """schedule.json from sim.run, checked against the run: same B, enough steps."""
+    """schedule.json from sim.run, checked before any model is built: its shape, its scheduler config, the run's
+    B and steps, and that the whole op log replays on a fresh scheduler (`replay_ops`). Every problem is one
+    ValueError that starts with the file's path."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"staleness=schedule:{path}: no such file (write one with python -m sim.run schedule=true)")
-    doc = json.loads(path.read_text())
-    doc["scheduler"] = SchedulerConfig(**doc["scheduler"])
-    if doc["scheduler"].batch_size != batch_size:
-        raise ValueError(f"schedule {path} has batch_size={doc['scheduler'].batch_size}, but toy.batch_size="
-                         f"{batch_size}: set toy.batch_size={doc['scheduler'].batch_size}")
-    if steps > doc["steps"]:
-        raise ValueError(f"steps={steps} is more than the {doc['steps']} learner steps in schedule {path}")
+        what = "not a file" if path.exists() else "no such file"
+        raise ValueError(f"{path}: {what} (staleness=schedule:<file>; write one with python -m sim.run schedule=true)")
+    try:
+        doc = json.loads(path.read_bytes())
+    except (ValueError, OSError) as err:                 # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path}: not valid JSON ({err}); the file may be truncated: write it again with "
+                         f"python -m sim.run schedule=true") from None
+    keys = ("scheduler", "steps", "ops")
+    if not isinstance(doc, dict) or not all(k in doc for k in keys):
+        got = sorted(doc) if isinstance(doc, dict) else type(doc).__name__
+        raise ValueError(f"{path}: not a schedule: expected a JSON object with keys {', '.join(keys)} "
+                         f"(python -m sim.run schedule=true writes one), got {got}")
+    if not isinstance(doc["scheduler"], dict):
+        raise ValueError(f"{path}: 'scheduler' must be an object of SchedulerConfig fields, got {doc['scheduler']!r}")
+    try:
+        doc["scheduler"] = SchedulerConfig(**doc["scheduler"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: its scheduler config is refused: {err}") from None
+    ops = doc["ops"]
+    if not isinstance(ops, list):
+        raise ValueError(f"{path}: 'ops' must be a list of [op, int] pairs, got {type(ops).__name__}")
+    for i, entry in enumerate(ops):
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] in OPS and type(entry[1]) is int):
+            raise ValueError(f"{path}: ops[{i}] is {json.dumps(entry)}; each op must be [op, int] with op one of "
+                             f"{', '.join(OPS)}")
+    B = doc["scheduler"].batch_size
+    if B != batch_size:
+        raise ValueError(f"{path}: the schedule has batch_size={B}, but toy.batch_size={batch_size}: "
+                         f"set toy.batch_size={B}")
+    try:
+        replay_ops(Scheduler(doc["scheduler"]), ops)
+    except ValueError as err:
+        raise ValueError(f"{path}: the ops do not replay on a fresh scheduler with its config: {err}") from None
+    n = sum(op == "step" for op, _ in ops)
+    if steps > n:
+        raise ValueError(f"{path}: steps={steps} is more than the {n} learner steps in schedule"
+                         + (f" (its header says steps={doc['steps']}: the op list is cut short)"
+                            if doc["steps"] != n else "; simulate more: python -m sim.run steps=... schedule=true"))
+    if doc["steps"] != n:
+        raise ValueError(f"{path}: its header says steps={doc['steps']!r}, but its ops hold {n} learner steps")
     return doc
+
+
+def replay_ops(sched: Scheduler, ops: list, pending: dict[int, Trajectory] | None = None) -> None:
+    """Drive `sched` through `ops` as the replay does. Trajectories still alive at the end are taken from
+    `pending` (a resumed run's); the others only need their version (content-free stand-ins, so this is cheap).
+    ValueError naming the first operation the scheduler disagrees with."""
+    pending = pending or {}
+    flying: dict[int, int] = {}                          # uid -> admission version, admitted and not yet done
+    for i, (op, a) in enumerate(ops):
+        try:
+            _apply(sched, op, a, flying, pending)
+        except (ValueError, RuntimeError) as err:
+            raise ValueError(f"operation {i} [{op!r}, {a}]: {err}") from None
+
+
+def _apply(sched: Scheduler, op: str, a: int, flying: dict[int, int], pending: dict[int, Trajectory]) -> None:
+    if op == "admit":
+        uid, w = sched.n_admitted, sched.try_admit()
+        if w is None:
+            raise ValueError(f"the scheduler admits nothing here (capacity full: {sched.in_flight} in flight, "
+                             f"{sched.n_ready} ready at version {sched.version})")
+        if w != a:
+            raise ValueError(f"the scheduler admits at version {w}, the schedule says {a}")
+        flying[uid] = w
+    elif op == "done":
+        if a not in flying:
+            raise ValueError(f"uid {a} was never admitted ({sched.n_admitted} admissions so far)"
+                             if not 0 <= a < sched.n_admitted else f"uid {a} is not in flight (already done)")
+        w = flying.pop(a)
+        sched.on_rollout_done(pending.get(a) or Trajectory.fake(a, 1, w))
+    elif op == "batch":
+        batch = sched.next_batch()
+        if batch is None:
+            raise ValueError(f"no batch is ready at version {sched.version} ({sched.n_ready} ready, "
+                             f"{sched.in_flight} in flight, B={sched.cfg.batch_size})")
+        if len(batch) != a:
+            raise ValueError(f"the batch holds {len(batch)} trajectories, the schedule says {a}")
+    else:
+        v = sched.on_learner_step()
+        if v != a:
+            raise ValueError(f"the learner step makes version {v}, the schedule says {a}")
 
 
 def rebuild_scheduler(doc: dict, n_ops: int, pending: dict[int, Trajectory]) -> Scheduler:
     """The scheduler after the first n_ops operations. Trajectories that are still alive (in flight or ready)
     at that point are taken from `pending`; the others only need their version (content-free stand-ins)."""
     sched = Scheduler(doc["scheduler"])
-    admitted: dict[int, int] = {}
-    for op, a in doc["ops"][:n_ops]:
-        if op == "admit":
-            uid = sched.n_admitted
-            admitted[uid] = sched.try_admit()
-        elif op == "done":
-            sched.on_rollout_done(pending.get(a) or Trajectory.fake(a, 1, admitted[a]))
-        elif op == "batch":
-            sched.next_batch()
-        else:
-            sched.on_learner_step()
+    replay_ops(sched, doc["ops"][:n_ops], pending)
     sched.pop_dropped()
     return sched
 

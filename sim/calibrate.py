@@ -22,6 +22,12 @@ The workload comes from the trace too: response lengths as an empirical distribu
 mean prompt length (scored tokens minus response tokens per sequence), B; the cluster from run_info.json
 (rollout workers, placement; a colocated teacher scores in groups of B // 4 as the toy worker does).
 
+Checked first: the trace holds the kinds fitted from (decode_iter, teacher, learner_step, rollout), each fit has at
+least its unknowns + 2 events after the warmup, and run_info.json has the keys read here. Every fit's R² is printed
+and kept in calibration.json; a fit with R² < min_r2, or a cost the model scales with load (POSITIVE) that comes
+out exactly 0, is refused (on_poor_fit=error) or written with a loud warning (on_poor_fit=warn). A ValueError
+names the file and the problem; the CLI prints it and exits 1.
+
 Writes into hydra.run.dir: cluster/calibrated.yaml (`cluster` + `costs`), workload/calibrated.yaml, and
 calibration.json (the fits, their R², the scheduler settings of the measured run). Use them with
 
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,11 +51,14 @@ from omegaconf import DictConfig, OmegaConf
 from scipy.optimize import nnls
 
 from asyncopd import trace as trace_io
-from asyncopd.scheduler import SchedulerConfig
+from asyncopd.scheduler import ON_STALE, SchedulerConfig
 from sim.costs import ClusterShape, CostModel, LengthDist, Workload
 
 log = logging.getLogger(__name__)
 PLACEMENT = {"separate": "separate", "colocate_teacher_with_rollout": "teacher_with_rollout"}
+FITS = {"decode": ("decode_iter", 3), "teacher": ("teacher", 3), "learner": ("learner_step", 2)}  # kind, unknowns
+POSITIVE = {"decode": "decode_step_s", "teacher": "teacher_s_per_token", "learner": "learner_s_per_token"}
+ON_POOR_FIT = ("error", "warn")
 
 
 @dataclass
@@ -56,8 +66,14 @@ class CalibrateConfig:
     trace: str = "???"                   # a run directory (trace.csv + run_info.json) or a trace.csv inside one
     warmup_steps: int = 2                # ignore events before the end of this learner step (start-up), >= 0
     idle_gap_s: float = 0.004            # a gap between decode iterations longer than this is idle, not overhead
+    min_r2: float = 0.5                  # refuse a fit (decode, teacher, learner) with R² below this, in [0, 1]
+    on_poor_fit: str = "error"           # error: a poor fit stops calibration | warn: write the YAML, warn loudly
 
     def __post_init__(self):
+        if not 0 <= self.min_r2 <= 1:
+            raise ValueError(f"min_r2 must be in [0, 1], got {self.min_r2}")
+        if self.on_poor_fit not in ON_POOR_FIT:
+            raise ValueError(f"on_poor_fit must be one of {ON_POOR_FIT}, got {self.on_poor_fit!r}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if not self.idle_gap_s > 0:
@@ -76,28 +92,79 @@ def fit(y: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def load_run(path: str | Path) -> tuple[pd.DataFrame, dict]:
-    """(trace frame, run_info) from a run directory or its trace.csv."""
+    """(trace frame, run_info) from a run directory or its trace.csv; the frame's attrs["source"] names its file."""
     p = Path(path)
     run_dir = p if p.is_dir() else p.parent
     trace_file = p if p.is_file() else p / "trace.csv"
     if not trace_file.exists():
-        raise ValueError(f"trace={path}: no trace.csv there (a run directory of python -m backends.run exec=concurrent)")
+        raise ValueError(f"{path}: no trace.csv there (a run directory of python -m backends.run exec=concurrent)")
     info_file = run_dir / "run_info.json"
     if not info_file.exists():
-        raise ValueError(f"trace={path}: no run_info.json beside the trace; calibration needs the run's placement, "
-                         f"workers and batch size (written by exec=concurrent runs)")
-    return trace_io.read(trace_file), json.loads(info_file.read_text())
+        raise ValueError(f"{info_file}: no such file; calibration needs the run's placement, workers and batch "
+                         f"size from run_info.json beside the trace (written by exec=concurrent runs)")
+    info = check_run_info(info_file)
+    df = trace_io.read(trace_file)
+    df.attrs["source"] = str(trace_file)
+    return df, info
+
+
+def check_run_info(info_file: Path) -> dict:
+    """run_info.json with the keys calibration reads, each of the right kind; ValueError naming the file."""
+    try:
+        info = json.loads(info_file.read_bytes())
+    except (ValueError, OSError) as err:
+        raise ValueError(f"{info_file}: not valid JSON ({err})") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{info_file}: not a JSON object")
+    need = ("placement", "rollout_workers", "batch_size", "engine_slots", "staleness", "on_stale")
+    if missing := [k for k in need if k not in info]:
+        renamed = "eta" in info and "staleness" in missing
+        hint = " (it has 'eta': the knob is now 'staleness', e.g. \"1\")" if renamed else ""
+        raise ValueError(f"{info_file}: missing keys {missing} that calibration reads{hint}")
+    for key in ("rollout_workers", "batch_size", "engine_slots"):
+        if type(info[key]) is not int or info[key] < 1:
+            raise ValueError(f"{info_file}: {key} must be an int >= 1, got {info[key]!r}")
+    if info["placement"] not in PLACEMENT:
+        raise ValueError(f"{info_file}: placement must be one of {tuple(PLACEMENT)}, got {info['placement']!r}")
+    if info["on_stale"] not in ON_STALE:
+        raise ValueError(f"{info_file}: on_stale must be one of {ON_STALE}, got {info['on_stale']!r}")
+    try:
+        SchedulerConfig.parse(info["staleness"])
+    except ValueError as err:
+        raise ValueError(f"{info_file}: {err}") from None
+    return info
+
+
+def check_trace(df: pd.DataFrame, source: str, warmup_steps: int) -> None:
+    """What the fits need: events of every kind fitted from, and enough of them after the warmup."""
+    if len(df) == 0:
+        raise ValueError(f"{source}: the trace has no events")
+    kinds = [k for k, _ in FITS.values()] + ["rollout"]
+    if missing := [k for k in kinds if not (df.kind == k).any()]:
+        raise ValueError(f"{source}: no {', '.join(missing)} events; calibration fits from {', '.join(kinds)} "
+                         f"(the trace of a python -m backends.run exec=concurrent run has them all)")
+    n_steps = int((df.kind == "learner_step").sum())
+    if n_steps < warmup_steps + FITS["learner"][1] + 2:
+        raise ValueError(f"{source}: the trace has {n_steps} learner steps; calibration needs at least warmup_steps + "
+                         f"{FITS['learner'][1] + 2} = {warmup_steps + FITS['learner'][1] + 2}: run more steps")
 
 
 def calibrate(df: pd.DataFrame, info: dict, cfg: CalibrateConfig) -> tuple[ClusterShape, CostModel, Workload, dict]:
-    """Fit (cluster, costs, workload) to a measured trace; the dict holds the fit diagnostics."""
+    """Fit (cluster, costs, workload) to a measured trace (from `load_run`: `info` checked, df.attrs["source"]
+    its file); the dict holds the fit diagnostics. ValueError for a trace too thin to fit, or a poor fit."""
+    source = df.attrs.get("source", "trace")
+    check_trace(df, source, cfg.warmup_steps)
     steps = df[df.kind == "learner_step"].sort_values("t")
-    if len(steps) < cfg.warmup_steps + 3:
-        raise ValueError(f"the trace has {len(steps)} learner steps; calibration needs at least warmup_steps + 3 = "
-                         f"{cfg.warmup_steps + 3}")
     t_start = float((steps.t + steps.dur_s).iloc[cfg.warmup_steps - 1]) if cfg.warmup_steps else 0.0
     df = df[df.t >= t_start]
     steps = steps[steps.t >= t_start]
+    for name, (kind, k) in FITS.items():
+        if (n := int((df.kind == kind).sum())) < k + 2:
+            raise ValueError(f"{source}: {n} {kind} events after the warmup ({cfg.warmup_steps} learner steps); the "
+                             f"{name} fit has {k} unknowns and needs at least {k + 2}: calibrate on a longer run")
+    if not (df.kind == "rollout").any():
+        raise ValueError(f"{source}: no rollout events after the warmup ({cfg.warmup_steps} learner steps), so no "
+                         f"response lengths: calibrate on a longer run")
     colocated = info["placement"] == "colocate_teacher_with_rollout"
     B = int(info["batch_size"])
 
@@ -134,6 +201,20 @@ def calibrate(df: pd.DataFrame, info: dict, cfg: CalibrateConfig) -> tuple[Clust
     step_end = dict(zip(steps.version, steps.t + steps.dur_s))
     weight_sync_s, sync_diag = weight_sync_delay(calls, ws, step_end, publish_s)
 
+    # the fits' quality, before the model takes them
+    r2 = {"decode": r2_decode, "teacher": r2_teacher, "learner": r2_learner}
+    n = {name: int((df.kind == kind).sum()) for name, (kind, _) in FITS.items()}
+    poor = poor_fits(r2, {"decode": d0 + overhead, "teacher": t_tok, "learner": l_tok}, n, cfg.min_r2)
+    if poor:
+        what = (f"{source}: poor calibration fits (R² {', '.join(f'{k} {v:.2f}' for k, v in r2.items())}): "
+                f"{'; '.join(poor)}")
+        if cfg.on_poor_fit == "error" or d0 + overhead == 0:         # a free decode step cannot be simulated
+            raise ValueError(f"{what}. Calibrate on a longer run (more steps: more events, less noise)" +
+                             (f", or pass on_poor_fit=warn to write the YAML anyway (or lower min_r2={cfg.min_r2})"
+                              if d0 + overhead > 0 else ""))
+        log.warning("!!! %s. on_poor_fit=warn: writing the calibration anyway; predictions from it are unreliable "
+                    "!!!", what)
+
     # workload
     ro = df[df.kind == "rollout"]
     lengths = ro.tokens.astype(int).tolist()
@@ -150,13 +231,25 @@ def calibrate(df: pd.DataFrame, info: dict, cfg: CalibrateConfig) -> tuple[Clust
     workload = Workload(batch_size=B, prompt_len=prompt_len,
                         length=LengthDist("empirical", mean=float(np.mean(lengths)), max=int(max(lengths)),
                                           values=lengths))
-    diag = {"r2_decode": r2_decode, "r2_teacher": r2_teacher, "r2_learner": r2_learner,
+    diag = {"r2_decode": r2_decode, "r2_teacher": r2_teacher, "r2_learner": r2_learner, "poor_fits": poor,
             "decode_loop_overhead_s": overhead, "teacher_handover_s": handover,
             "n_decode_iters": len(it), "n_overhead_gaps": len(overheads), "n_teacher_calls": len(te),
             "n_learner_steps": len(steps), "n_rollouts": len(ro), **sync_diag,
             "measured": {"eta": SchedulerConfig.parse(info["staleness"]).max_staleness, "on_stale": info["on_stale"],
                          "batch_size": B}}
     return cluster, costs, workload, diag
+
+
+def poor_fits(r2: dict[str, float], positive: dict[str, float], n: dict[str, int], min_r2: float) -> list[str]:
+    """One line per fit with R² < min_r2 or its POSITIVE cost (value in `positive`) fitted as exactly 0: NNLS
+    clips a cost it cannot see to 0, and the model then makes that load free."""
+    out = []
+    for name, (kind, _) in FITS.items():
+        if r2[name] < min_r2:
+            out.append(f"the {name} fit has R² {r2[name]:.2f} < min_r2 {min_r2} over {n[name]} {kind} events")
+        if positive[name] == 0:
+            out.append(f"the {name} fit (R² {r2[name]:.2f}) gives {POSITIVE[name]} = 0, which the model needs > 0")
+    return out
 
 
 def weight_sync_delay(calls: pd.DataFrame, ws: pd.DataFrame, step_end: dict, publish_s: float,
@@ -191,6 +284,7 @@ def write(out_dir: Path, cluster: ClusterShape, costs: CostModel, workload: Work
         (out_dir / group).mkdir(parents=True, exist_ok=True)
         (out_dir / group / "calibrated.yaml").write_text(
             f"# @package {package}\n# fitted by python -m sim.calibrate from {source}\n"
+            + "".join(f"# WARNING, poor fit (on_poor_fit=warn): {p}\n" for p in diag["poor_fits"])
             + OmegaConf.to_yaml(OmegaConf.create(body)))
     (out_dir / "calibration.json").write_text(json.dumps({**diag, "costs": asdict(costs), "cluster": asdict(cluster),
                                                           "prompt_len": workload.prompt_len}, indent=1))
@@ -198,15 +292,21 @@ def write(out_dir: Path, cluster: ClusterShape, costs: CostModel, workload: Work
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="calibrate")
 def main(dcfg: DictConfig) -> None:
-    cfg: CalibrateConfig = OmegaConf.to_object(dcfg)
+    try:                                                 # a bad input is one message and exit 1, no traceback
+        cfg: CalibrateConfig = OmegaConf.to_object(dcfg)
+        cluster, costs, workload, diag = calibrate(*load_run(cfg.trace), cfg)
+    except ValueError as err:
+        sys.exit(f"sim.calibrate: {err}")
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    cluster, costs, workload, diag = calibrate(*load_run(cfg.trace), cfg)
     write(out_dir, cluster, costs, workload, diag, cfg.trace)
     print(f"decode {costs.decode_step_s * 1e3:.3f} ms + {costs.decode_step_s_per_seq * 1e6:.2f} µs/seq "
-          f"(R² {diag['r2_decode']:.2f}), teacher {costs.teacher_s_per_token * 1e6:.2f} µs/token, learner "
+          f"(R² {diag['r2_decode']:.2f}), teacher {costs.teacher_call_s * 1e3:.3f} ms/call + "
+          f"{costs.teacher_s_per_token * 1e6:.2f} µs/token (R² {diag['r2_teacher']:.2f}), learner "
           f"{costs.learner_step_s * 1e3:.1f} ms + {costs.learner_s_per_token * 1e6:.2f} µs/token (R² "
           f"{diag['r2_learner']:.2f}), sync {costs.weight_sync_s * 1e3:.2f} ms -> {out_dir}\n"
-          f"use: python -m sim.run --config-dir {out_dir} cluster=calibrated workload=calibrated")
+          + (f"WARNING: poor fits, written anyway (on_poor_fit=warn): {'; '.join(diag['poor_fits'])}\n"
+             if diag["poor_fits"] else "")
+          + f"use: python -m sim.run --config-dir {out_dir} cluster=calibrated workload=calibrated")
 
 
 if __name__ == "__main__":

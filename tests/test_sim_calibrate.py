@@ -10,7 +10,7 @@ import yaml
 
 from asyncopd import trace
 from asyncopd.trace import Event
-from sim.calibrate import CalibrateConfig, calibrate, load_run
+from sim.calibrate import CalibrateConfig, calibrate, load_run, poor_fits
 
 D0, DSEQ, DPRE = 2e-3, 3e-5, 1e-5          # decode: 2 ms + 30 µs per extra sequence + 10 µs per prefilled token
 OVERHEAD = 1e-4                            # loop overhead between decode iterations
@@ -20,9 +20,11 @@ SYNC = 0.01                                # learner step end -> worker's load d
 PUBLISH = 0.004                            # learner step end -> its next admission
 
 
-def synthetic_run(tmp_path, placement="separate", steps=12, B=8):
+def synthetic_run(tmp_path, placement="separate", steps=12, B=8, learner_noise_s=0.0, ttok=TTOK):
+    """A trace with known costs; learner_noise_s adds uniform noise to the learner steps (a poor fit), ttok sets
+    the teacher's per-token cost."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
+    rng, noise = np.random.default_rng(0), np.random.default_rng(1)
     ev, t = [], 0.0
     for i in range(400):                    # one worker's decode iterations, back to back
         n, p = int(rng.integers(1, 40)), int(rng.integers(0, 3)) * 7
@@ -34,12 +36,13 @@ def synthetic_run(tmp_path, placement="separate", steps=12, B=8):
         ev.append(Event(t=0.001 * u, kind="rollout", worker=0, uid=u, tokens=int(n), dur_s=0.01))
     for c in range(40):                     # teacher calls on their own process (worker 0 of role teacher)
         tok, n = int(rng.integers(50, 400)), int(rng.integers(1, 20))
-        ev.append(Event(t=0.02 * c, kind="teacher", n_seqs=n, tokens=tok, dur_s=TCALL + TSEQ * n + TTOK * tok))
+        ev.append(Event(t=0.02 * c, kind="teacher", n_seqs=n, tokens=tok, dur_s=TCALL + TSEQ * n + ttok * tok))
     t = 0.0
     for v in range(1, steps + 1):
         tok = int(rng.integers(50, 300))
-        ev.append(Event(t=t, kind="learner_step", version=v, n_seqs=B, tokens=tok, dur_s=L0 + LTOK * tok))
-        end = t + L0 + LTOK * tok
+        dur = L0 + LTOK * tok + learner_noise_s * noise.uniform()
+        ev.append(Event(t=t, kind="learner_step", version=v, n_seqs=B, tokens=tok, dur_s=dur))
+        end = t + dur
         if v % 3:
             ev.append(Event(t=end + SYNC - 0.002, kind="weight_sync", worker=0, version=v, dur_s=0.002))
         else:                               # worker 0 busy across the step's end: its late load is not sync time
@@ -113,3 +116,102 @@ def test_weight_sync_of_an_always_busy_worker_is_publish_plus_pickup():
     calls, loads = df[df.kind == "decode_iter"], df[df.kind == "weight_sync"]
     delay, diag = weight_sync_delay(calls, loads, {1: 1.0, 2: 2.0, 3: 3.0}, 0.002)
     assert delay == pytest.approx(0.002 + 0.003) and diag == {"n_weight_loads_idle": 0, "n_weight_loads_busy": 3}
+
+
+def cli(run_dir, out, *overrides) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sim.calibrate", f"trace={run_dir}", f"hydra.run.dir={out}",
+                           *overrides], capture_output=True, text=True)
+
+
+def test_run_info_is_checked(tmp_path):
+    synthetic_run(tmp_path)
+    info_file = tmp_path / "run_info.json"
+    info = json.loads(info_file.read_text())
+    cases = [
+        ({k: v for k, v in info.items() if k != "staleness"} | {"eta": 1},
+         "missing keys ['staleness'] that calibration reads (it has 'eta': the knob is now 'staleness', e.g. \"1\")"),
+        ({**info, "placement": "colocate"}, "placement must be one of ('separate', 'colocate_teacher_with_rollout'), "
+                                            "got 'colocate'"),
+        ({**info, "batch_size": "8"}, "batch_size must be an int >= 1, got '8'"),
+        ({**info, "staleness": "one"}, "staleness spec must be 'fixed:<k>' or an integer η, got 'one'"),
+    ]
+    for doc, message in cases:
+        info_file.write_text(json.dumps(doc))
+        with pytest.raises(ValueError) as e:
+            load_run(tmp_path)
+        assert str(e.value) == f"{info_file}: {message}"
+    info_file.write_text('{"placement": "separate", "rollout_')
+    with pytest.raises(ValueError, match=f"^{info_file}: not valid JSON \\(Unterminated string"):
+        load_run(tmp_path)
+    info_file.unlink()
+    with pytest.raises(ValueError) as e:
+        load_run(tmp_path)
+    assert str(e.value).startswith(f"{info_file}: no such file; calibration needs")
+
+
+def test_trace_is_checked_for_what_the_fits_need(tmp_path):
+    synthetic_run(tmp_path)
+    trace_file = tmp_path / "trace.csv"
+    full = trace.read(trace_file)
+    cases = [
+        (full.iloc[:0], "the trace has no events"),
+        (full[~full.kind.isin(["teacher", "rollout"])], "no teacher, rollout events; calibration fits from "
+         "decode_iter, teacher, learner_step, rollout (the trace of a python -m backends.run exec=concurrent run has "
+         "them all)"),
+        (full[(full.kind != "teacher") | (full.t < 0.07)], "4 teacher events after the warmup (0 learner steps); the "
+         "teacher fit has 3 unknowns and needs at least 5: calibrate on a longer run"),
+        (full[(full.kind != "learner_step") | (full.version <= 3)], "the trace has 3 learner steps; calibration needs "
+         "at least warmup_steps + 4 = 4: run more steps"),
+    ]
+    for df, message in cases:
+        trace.write(df, trace_file)
+        with pytest.raises(ValueError) as e:
+            calibrate(*load_run(tmp_path), CalibrateConfig(warmup_steps=0))
+        assert str(e.value) == f"{trace_file}: {message}"
+    trace_file.write_text(trace_file.read_text().replace("\n0.0,", "\nzero,", 1))   # corrupted: read's message
+    p = cli(tmp_path, tmp_path / "cal")
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.stderr.strip() == f"sim.calibrate: {trace_file}: column 't' must hold finite numbers; row 0 (line 2) has 'zero'"
+
+
+def test_poor_fits_are_refused_or_written_with_a_warning(tmp_path, caplog):
+    synthetic_run(tmp_path, learner_noise_s=0.2)
+    trace_file = tmp_path / "trace.csv"
+    *_, diag = calibrate(*load_run(tmp_path), CalibrateConfig(warmup_steps=0, on_poor_fit="warn"))
+    r2 = diag["r2_learner"]
+    assert r2 < 0.5 and diag["r2_decode"] == pytest.approx(1) and diag["r2_teacher"] == pytest.approx(1)
+    assert diag["poor_fits"][0] == f"the learner fit has R² {r2:.2f} < min_r2 0.5 over 12 learner_step events"
+    assert "!!!" in caplog.text and "on_poor_fit=warn" in caplog.text
+    message = (f"{trace_file}: poor calibration fits (R² decode 1.00, teacher 1.00, learner {r2:.2f}): "
+               f"{'; '.join(diag['poor_fits'])}. Calibrate on a longer run (more steps: more events, less noise), or "
+               f"pass on_poor_fit=warn to write the YAML anyway (or lower min_r2=0.5)")
+    with pytest.raises(ValueError) as e:
+        calibrate(*load_run(tmp_path), CalibrateConfig(warmup_steps=0))
+    assert str(e.value) == message
+    calibrate(*load_run(tmp_path), CalibrateConfig(warmup_steps=0, min_r2=0.0))     # accepted below the bar...
+    p = cli(tmp_path, tmp_path / "cal", "warmup_steps=0")
+    assert p.returncode == 1 and "Traceback" not in p.stderr and p.stderr.strip() == f"sim.calibrate: {message}"
+    assert not (tmp_path / "cal" / "cluster").exists()
+    p = cli(tmp_path, tmp_path / "cal", "warmup_steps=0", "on_poor_fit=warn")      # ...or written, loudly
+    assert p.returncode == 0, p.stderr
+    assert f"(R² 1.00), learner" in p.stdout and "WARNING: poor fits" in p.stdout
+    assert "# WARNING, poor fit (on_poor_fit=warn): the learner fit" in (tmp_path / "cal" / "cluster" /
+                                                                          "calibrated.yaml").read_text()
+    assert json.loads((tmp_path / "cal" / "calibration.json").read_text())["poor_fits"] == diag["poor_fits"]
+
+
+def test_a_needed_cost_fitted_as_zero_is_refused(tmp_path):
+    synthetic_run(tmp_path, ttok=0.0)                    # the teacher's time does not grow with tokens: R² 1, cost 0
+    with pytest.raises(ValueError) as e:
+        calibrate(*load_run(tmp_path), CalibrateConfig(warmup_steps=0))
+    assert str(e.value).startswith(f"{tmp_path / 'trace.csv'}: poor calibration fits (R² decode 1.00, teacher 1.00, "
+                                   f"learner 1.00): the teacher fit (R² 1.00) gives teacher_s_per_token = 0, which the "
+                                   f"model needs > 0. Calibrate on a longer run")
+    assert poor_fits({"decode": 0.9, "teacher": 0.4, "learner": 1.0}, {"decode": 1e-3, "teacher": 0.0, "learner": 1e-4},
+                     {"decode": 9, "teacher": 8, "learner": 7}, 0.5) == [
+        "the teacher fit has R² 0.40 < min_r2 0.5 over 8 teacher events",
+        "the teacher fit (R² 0.40) gives teacher_s_per_token = 0, which the model needs > 0"]
+    with pytest.raises(ValueError, match="on_poor_fit must be one of"):
+        CalibrateConfig(on_poor_fit="ignore")
+    with pytest.raises(ValueError, match=r"min_r2 must be in \[0, 1\]"):
+        CalibrateConfig(min_r2=1.5)

@@ -102,3 +102,64 @@ def test_recorder_uses_callers_clock():
     assert list(rec) == [Event(t=0.0, kind="admit", version=0, uid=1),
                          Event(t=0.0, dur_s=2.5, kind="rollout", uid=1, tokens=8, version=0)]
     assert len(to_frame(rec)) == 2
+
+
+def edited(path, row: int, col: str, value: str) -> str:
+    """The CSV trace at `path` as text, with one cell replaced (read as text, so nothing is reformatted)."""
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    df.loc[row, col] = value
+    return df.to_csv(index=False)
+
+
+@pytest.mark.parametrize("name, corrupt, message", [
+    ("empty.csv", lambda good: b"",
+     "empty file; a trace has at least the header row t,dur_s,kind,role,worker,version,uid,n_seqs,tokens,bytes,staleness"),
+    ("latin1.csv", lambda good: good.read_text().replace("admit", "admít").encode("latin-1"),
+     "not UTF-8 text, so not a CSV trace ('utf-8' codec can't decode byte 0xed in position 3: invalid continuation "
+     "byte)"),
+    ("ragged.csv", lambda good: good.read_text().replace("\n0.1,", "\n0.1,0,0,", 1).encode(),
+     "not a CSV trace: Error tokenizing data. C error: Expected 11 fields in line 4, saw 13"),
+    ("tokens.csv", lambda good: edited(good, 2, "tokens", "abc").encode(),
+     "column 'tokens' must hold integers; row 2 (line 4) has 'abc'"),
+    ("uid.csv", lambda good: edited(good, 1, "uid", "").encode(),
+     "column 'uid' must hold integers; row 1 (line 3) has nan"),
+    ("n_seqs.csv", lambda good: edited(good, 1, "n_seqs", "1.5").encode(),
+     "column 'n_seqs' must hold integers; row 1 (line 3) has 1.5"),
+    ("t.csv", lambda good: edited(good, 3, "t", "inf").encode(),
+     "column 't' must hold finite numbers; row 3 (line 5) has inf"),
+    ("dur_nan.csv", lambda good: edited(good, 3, "dur_s", "nan").encode(),
+     "column 'dur_s' must hold finite numbers; row 3 (line 5) has nan"),
+    ("dur_neg.csv", lambda good: edited(good, 0, "dur_s", "-0.5").encode(),
+     "column 'dur_s' must hold values >= 0; row 0 (line 2) has -0.5"),
+    ("kind.csv", lambda good: edited(good, 4, "kind", "rollout_end").encode(),
+     "column 'kind' must hold one of admit, rollout, drop, teacher, learner_step, weight_sync, decode_iter; row 4 "
+     "(line 6) has 'rollout_end' (unknown kind values ['rollout_end'])"),
+    ("parquet_named.csv", lambda good: (good.parent / "good.parquet").read_bytes(), None),   # binary: one message
+    ("csv_named.parquet", lambda good: good.read_bytes(), "not a Parquet trace: "),
+])
+def test_read_refuses_corrupted_files_naming_file_column_and_row(tmp_path, name, corrupt, message):
+    good = tmp_path / "good.csv"
+    write(events(), good)
+    write(events(), tmp_path / "good.parquet")
+    path = tmp_path / name
+    path.write_bytes(corrupt(good))
+    with pytest.raises(ValueError) as e:
+        read(path)
+    if message is None or message.endswith(": "):      # the reader's own words follow; the head is ours
+        assert str(e.value).startswith(f"{path}: not a ")
+    else:
+        assert str(e.value) == f"{path}: {message}"
+
+
+def test_read_refuses_nan_in_parquet_and_missing_file(tmp_path):
+    df = to_frame(events())
+    df.loc[2, "t"] = float("nan")
+    df.to_parquet(tmp_path / "t.parquet")                 # written around `write`, which refuses it too
+    with pytest.raises(ValueError) as e:
+        read(tmp_path / "t.parquet")
+    assert str(e.value) == f"{tmp_path / 't.parquet'}: column 't' must hold finite numbers; row 2 has nan"
+    with pytest.raises(ValueError) as e:
+        read(tmp_path / "none.csv")
+    assert str(e.value) == f"{tmp_path / 'none.csv'}: no such file"
+    with pytest.raises(ValueError, match="column 'tokens' must hold values >= 0; row 0 has -1"):
+        write(to_frame(events()).assign(tokens=-1), tmp_path / "w.csv")
