@@ -23,66 +23,19 @@ StableOPD's divergence constraint adds ref_kl_coef · KL(π_θ‖π_ref) on the 
 each token by ‖e_y − p‖², the squared score norm at the logits (`logit_grad_sq`), in place of the paper's
 per-sample parameter-gradient norm; VCPO's other half, the ESS-scaled learning rate, is the learner's
 (ToyConfig.vcpo_lr), since it changes the step, not the loss.
+
+`ObjectiveConfig` and `TRAINABLE` live in asyncopd/config.py (torch-free, so a run validates its config before
+importing torch) and are re-exported here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from asyncopd.cache import TeacherScores
-from asyncopd.estimators import (BASELINES, CORRECTIONS, DEFAULT_CHUNK_SIZE, SIGNALS, TAILS, EstimatorOut,
-                                 forward_kl_topk, logit_grad_sq, reference_kl_penalty, reverse_kl_mc,
+from asyncopd.config import TRAINABLE, ObjectiveConfig   # defined torch-free there; importable from here too
+from asyncopd.estimators import (EstimatorOut, forward_kl_topk, logit_grad_sq, reference_kl_penalty, reverse_kl_mc,
                                  reverse_kl_sampled, reverse_kl_topk, token_logp)
-
-TRAINABLE = ("forward_kl_topk", "reverse_kl_topk", "reverse_kl_sampled", "reverse_kl_mc")  # need no full logits
-
-
-@dataclass
-class ObjectiveConfig:
-    estimator: str = "forward_kl_topk"   # one of TRAINABLE
-    topk: int = 8                        # teacher top-k kept in the cache (top-k estimators), >= 1
-    tail: str = "bucket"                 # top-k tail handling: bucket | renorm | none
-    signal: str = "recompute"            # reverse_kl_sampled: stale (log π_β) | recompute (learner-time log π_θ)
-    correction: str = "none"             # reverse_kl_sampled: none | is | tis | clip | decoupled | m2po
-    is_cap: float = 2.0                  # truncation cap of tis / decoupled, > 1
-    clip_eps: float = 0.2                # PPO clip range ε of clip / decoupled, in (0, 1)
-    m2po_tau: float = 0.04               # M2PO second-moment bound, > 0
-    n_samples: int = 4                   # reverse_kl_mc: sampler draws per position, >= 1
-    self_normalize: bool = True          # reverse_kl_mc with a stale sampler: self-normalised IS
-    ref_kl_coef: float = 0.0             # StableOPD divergence-to-reference weight, >= 0 (0 = off)
-    chunk_size: int = DEFAULT_CHUNK_SIZE # rows per vocabulary chunk, >= 1
-    baseline: str = "none"               # reverse_kl_sampled: none | vcpo (VCPO's off-policy optimal baseline)
-
-    def __post_init__(self):
-        choices = {"estimator": TRAINABLE, "tail": TAILS, "signal": SIGNALS, "correction": CORRECTIONS,
-                   "baseline": BASELINES}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"ObjectiveConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name, ok, rule in (("topk", self.topk >= 1, ">= 1"), ("is_cap", self.is_cap > 1, "> 1"),
-                               ("clip_eps", 0 < self.clip_eps < 1, "in (0, 1)"), ("m2po_tau", self.m2po_tau > 0, "> 0"),
-                               ("n_samples", self.n_samples >= 1, ">= 1"), ("ref_kl_coef", self.ref_kl_coef >= 0, ">= 0"),
-                               ("chunk_size", self.chunk_size >= 1, ">= 1")):
-            if not ok:
-                raise ValueError(f"ObjectiveConfig.{name} must be {rule}, got {getattr(self, name)!r}")
-        if self.baseline != "none" and self.estimator != "reverse_kl_sampled":
-            raise ValueError(f"ObjectiveConfig.baseline={self.baseline!r} applies to estimator=reverse_kl_sampled "
-                             f"only, got estimator={self.estimator!r}")
-        if self.estimator == "reverse_kl_mc" and self.self_normalize and self.n_samples < 2:
-            raise ValueError("ObjectiveConfig.n_samples must be >= 2 with self_normalize=True (reverse_kl_mc)")
-
-    @property
-    def name(self) -> str:
-        """A readable label, e.g. 'reverse_kl_sampled[stale,tis]', 'reverse_kl_sampled[stale,tis,vcpo]' (with
-        the VCPO baseline) or 'forward_kl_topk[k=8,bucket]'."""
-        if self.estimator == "reverse_kl_sampled":
-            extra = "" if self.baseline == "none" else f",{self.baseline}"
-            return f"reverse_kl_sampled[{self.signal},{self.correction}{extra}]"
-        if self.estimator == "reverse_kl_mc":
-            return f"reverse_kl_mc[M={self.n_samples}]"
-        return f"{self.estimator}[k={self.topk},{self.tail}]"
 
 
 def cache_layout(cfg: ObjectiveConfig) -> tuple[int, int]:

@@ -70,8 +70,10 @@ from __future__ import annotations
 import heapq
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from asyncopd.rollout import Batch, Trajectory
+if TYPE_CHECKING:   # rollout.py imports torch, and a run checks its config (SchedulerConfig) before torch loads
+    from asyncopd.rollout import Batch, Trajectory
 
 ON_STALE = ("drop", "wait")
 
@@ -215,6 +217,7 @@ class Scheduler:
                 oldest_flying = min(self._flying)
                 if sum(n for w, n in self._ready_versions.items() if w <= oldest_flying) < B:
                     return None
+        from asyncopd.rollout import Batch   # here, not at the top: a config check imports no torch
         trajs = [self._pop_ready() for _ in range(B)]
         batch = Batch(trajs=trajs, version=self.version, n_dropped=self._drops_since_batch)
         assert max(batch.staleness) <= self.cfg.eta, batch.staleness   # guaranteed by the policy (docstring)

@@ -21,7 +21,7 @@ next (collectives must not interleave); that sync is one training step old by th
 
 Placement and policies come from `concurrent.*` (rollout_workers = rollout actors, placement, weight_update,
 kv_on_update, on_stale, threads_per_role), so the same config runs on one machine without Ray as
-exec=concurrent; `ray.*` adds the address and each role's Ray resource request. Outputs are the concurrent
+exec=concurrent; `ray.*` (RayConfig, backends/config.py) adds the address and each role's Ray resource request. Outputs are the concurrent
 run's: metrics.csv, trace.csv + trace.json, staleness_hist.csv, run_info.json (plus each actor's node),
 checkpoint/ (written by the learner actor; `resume=true` continues). Trace times are `time.time()` from the
 moment the actors are up, so machines line up as well as their clocks do.
@@ -44,67 +44,20 @@ import logging
 import os
 import pickle
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pandas as pd
 
 from asyncopd.scheduler import Scheduler
+from backends.config import RayConfig, check_fits   # torch-free, so a run checks them first; re-exported here
 from backends.engine_pump import admit_round
 from backends.session import RunSession
 from backends.toy import build_models
 from backends.toy_concurrent import CRASH_ENV
-from backends.weight_sync import DEFAULT_BUCKET_BYTES
 
 log = logging.getLogger(__name__)
 WAIT_S = 1.0                    # longest ray.wait before the loop looks again
-
-
-@dataclass
-class RayConfig:
-    address: str | None = None           # None: start a local Ray instance | auto | <host>:<port> | ray://<host>:<port>
-    num_cpus: int = 3                    # logical CPUs of a local instance, >= 1: the default placement's three
-                                         # actors at one each (joining a cluster: the cluster's own)
-    num_gpus: int = 0                    # logical GPUs of a local instance, >= 0
-    learner_cpus: float = 1.0            # Ray resources of the learner actor (GPUs > 0: it runs on CUDA)
-    learner_gpus: float = 0.0
-    rollout_cpus: float = 1.0            # ... of each rollout actor (with the colocated teacher inside it)
-    rollout_gpus: float = 0.0
-    teacher_cpus: float = 1.0            # ... of the teacher actor (placement=separate only)
-    teacher_gpus: float = 0.0
-    sync_port: int = 0                   # TCP port of the weight-sync rendezvous on the learner's node; 0 = free
-    sync_bucket_bytes: int = DEFAULT_BUCKET_BYTES   # weight broadcast bucket, >= 1
-
-    def __post_init__(self):
-        a = self.address
-        if a is not None and not (a == "auto" or a.startswith("ray://") or a.rpartition(":")[2].isdigit()):
-            raise ValueError(f"ray.address must be None (start a local instance), 'auto', '<host>:<port>' or "
-                             f"'ray://<host>:<port>', got {a!r}")
-        for name, ok, rule in (("num_cpus", self.num_cpus >= 1, ">= 1"), ("num_gpus", self.num_gpus >= 0, ">= 0"),
-                               ("sync_port", 0 <= self.sync_port <= 65535, "in [0, 65535]"),
-                               ("sync_bucket_bytes", self.sync_bucket_bytes >= 1, ">= 1")):
-            if not ok:
-                raise ValueError(f"ray.{name} must be {rule}, got {getattr(self, name)!r}")
-        for role in ("learner", "rollout", "teacher"):
-            cpus, gpus = getattr(self, f"{role}_cpus"), getattr(self, f"{role}_gpus")
-            if cpus < 0 or gpus < 0:
-                raise ValueError(f"ray.{role}_cpus and ray.{role}_gpus must be >= 0, got {cpus}, {gpus}")
-            if gpus > 1 and gpus != int(gpus):
-                raise ValueError(f"ray.{role}_gpus above 1 must be a whole number (Ray's rule), got {gpus}")
-
-
-def check_fits(ray_cfg: RayConfig, concurrent) -> None:
-    """A local instance must hold every actor at once, or the run would wait forever for a pending actor."""
-    if ray_cfg.address is not None:
-        return                           # a cluster's capacity is the cluster's business (actors queue there)
-    n, separate = concurrent.rollout_workers, concurrent.placement == "separate"
-    for kind, have in (("cpus", ray_cfg.num_cpus), ("gpus", ray_cfg.num_gpus)):
-        need = (getattr(ray_cfg, f"learner_{kind}") + n * getattr(ray_cfg, f"rollout_{kind}")
-                + separate * getattr(ray_cfg, f"teacher_{kind}"))
-        if need > have + 1e-9:
-            raise ValueError(f"ray.num_{kind}={have} cannot hold the actors' requests: learner + "
-                             f"{n} rollout actor(s){' + teacher' if separate else ''} need {kind}={need:g}; raise "
-                             f"ray.num_{kind} or lower ray.*_{kind} (placement={concurrent.placement})")
 
 
 # --- the driver --------------------------------------------------------------------------------------------

@@ -11,6 +11,10 @@
 
 `estimator=<preset>` picks a file of conf/estimator/ (the objective's fields); single fields override as
 `objective.correction=tis`. Writes metrics.csv, trace.csv/trace.json and checkpoint/ into hydra.run.dir.
+
+This module imports only torch-free config schemas (asyncopd/config.py, backends/config.py, ...): `main` builds
+and validates the whole config first (every `__post_init__`), so a bad value exits non-zero in about a second,
+naming the field, and `run` imports the chosen runner (torch, transformers, ray) only then.
 """
 
 from __future__ import annotations
@@ -24,12 +28,10 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from asyncopd.objective import ObjectiveConfig
+from asyncopd.config import ObjectiveConfig
 from asyncopd.scheduler import SchedulerConfig
+from backends.config import ConcurrentConfig, RayConfig, ToyConfig, check_fits
 from backends.health import HealthConfig
-from backends.ray_run import RayConfig, check_fits
-from backends.toy import ToyConfig
-from backends.toy_concurrent import ConcurrentConfig
 from backends.vllm_fsdp.config import RealConfig
 
 log = logging.getLogger(__name__)

@@ -45,7 +45,6 @@ import queue
 import signal
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +56,8 @@ from asyncopd.driver import Driver
 from asyncopd.objective import cache_layout
 from asyncopd.protocols import Learner
 from asyncopd.rollout import scored_tokens
-from asyncopd.scheduler import ON_STALE, Scheduler
+from asyncopd.scheduler import Scheduler
+from backends.config import ConcurrentConfig   # torch-free, so a run checks it first; re-exported here
 from backends.engine_pump import RolloutPump, admit_round
 from backends.evaluate import Evaluator
 from backends.session import RunSession
@@ -67,32 +67,8 @@ from backends.toy_learner import ToyLearner
 from backends.toy_teacher import ToyTeacher
 
 log = logging.getLogger(__name__)
-PLACEMENTS = ("separate", "colocate_teacher_with_rollout")
-WEIGHT_UPDATES = ("in_flight", "between_rollouts")
 CRASH_ENV = "ASYNCOPD_TEST_CRASH_ROLLOUT_AFTER"   # test hook: rollout worker 0 raises after this many rollouts
 POLL_S = 0.005                                   # idle wait of a process loop
-
-
-@dataclass
-class ConcurrentConfig:
-    rollout_workers: int = 1             # rollout worker processes, each with its own engine, >= 1
-    placement: str = "separate"          # separate: a teacher process | colocate_teacher_with_rollout
-    weight_update: str = "in_flight"     # in_flight: load between decode steps | between_rollouts: drain first
-    kv_on_update: str = "keep"           # in_flight only: running sequences keep their KV cache | recompute it
-    on_stale: str = "drop"               # scheduler policy for too-stale rollouts: drop | wait
-    threads_per_role: int = 1            # torch threads in every process, >= 1
-    queue_batches: int = 2               # bound of the trajectory queues, in batches of B, >= 1
-    join_timeout_s: float = 10.0         # wait this long for a child to exit before terminating it
-
-    def __post_init__(self):
-        for name, allowed in (("placement", PLACEMENTS), ("weight_update", WEIGHT_UPDATES),
-                              ("kv_on_update", ("keep", "recompute")), ("on_stale", ON_STALE)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"concurrent.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("rollout_workers", "threads_per_role", "queue_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"concurrent.{name} must be >= 1, got {getattr(self, name)!r}")
-
 
 
 # --- children ------------------------------------------------------------------------------------------------

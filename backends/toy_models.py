@@ -42,6 +42,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from asyncopd.files import atomic_write
 from asyncopd.rollout import Trajectory
+from backends.config import STUDENT_SFT, TEACHER_SFT   # SFT defaults: ToyConfig's too, defined torch-free there
 from backends.toy_task import HELDOUT_SEED, SortTask
 
 log = logging.getLogger(__name__)
@@ -65,12 +66,11 @@ class ModelSpec:
 
 
 # Defaults, measured with `python -m backends.toy_models` on 2 CPU cores: the teacher reaches ~99% greedy
-# exact match on held-out prompts (~3.5 min on idle cores), the student ~75% after a ~15 s warm-up.
+# exact match on held-out prompts (~3.5 min on idle cores), the student ~75% after a ~15 s warm-up (SFT steps,
+# batch and lr: TEACHER_SFT, STUDENT_SFT of backends/config.py, imported above).
 TEACHER_SPEC = ModelSpec(n_layer=4, n_embd=128, n_head=4)    # 0.80M parameters
 STUDENT_SPEC = ModelSpec(n_layer=2, n_embd=64, n_head=4)     # 0.11M parameters
 TINY_SPEC = ModelSpec(n_layer=1, n_embd=32, n_head=2)        # 15k parameters, for tests
-TEACHER_SFT = dict(steps=1500, batch_size=128, lr=3e-3)
-STUDENT_SFT = dict(steps=300, batch_size=128, lr=3e-3)
 TINY_SFT = dict(steps=40, batch_size=32, lr=1e-2)
 TINY_TASK = SortTask(n_symbols=4, max_len=4)                 # trains in a second
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-DEFAULT_BUCKET_BYTES = 4 << 20
+from backends.config import DEFAULT_BUCKET_BYTES   # ray.sync_bucket_bytes' default, defined torch-free there
 
 
 @dataclass(frozen=True)

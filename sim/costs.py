@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from asyncopd.config import check_finite
+
 DISTS = ("fixed", "lognormal", "empirical")
 
 
@@ -56,6 +58,7 @@ class CostModel:
                                          # version before, the learner goes on after publish_s, >= 0
 
     def __post_init__(self):
+        check_finite(self, "CostModel.")
         _check_time(self, "decode_step_s", positive=True)
         for name in ("decode_step_s_per_seq", "prefill_s_per_token", "teacher_s_per_token", "teacher_s_per_seq",
                      "teacher_call_s", "learner_s_per_token", "learner_step_s", "publish_s", "weight_sync_s"):
@@ -126,6 +129,7 @@ class LengthDist:
     values: list[int] = field(default_factory=list)  # empirical: observed lengths, sampled uniformly
 
     def __post_init__(self):
+        check_finite(self, "LengthDist.")
         if self.dist not in DISTS:
             raise ValueError(f"LengthDist.dist must be one of {DISTS}, got {self.dist!r}")
         _check_time(self, "sigma")

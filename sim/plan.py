@@ -66,7 +66,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from asyncopd.objective import ObjectiveConfig
+from asyncopd.config import ObjectiveConfig, check_finite
 from asyncopd.scheduler import ON_STALE, SchedulerConfig
 from sim.costs import ClusterShape, CostModel, Workload
 from sim.model import simulate
@@ -98,6 +98,7 @@ class PlanConfig:
     top: int = 10                        # rows in the printed table, >= 1
 
     def __post_init__(self):
+        check_finite(self)
         for name, lo in (("max_splits", 1), ("steps", 1), ("seed", 0), ("top", 1)):
             x = getattr(self, name)
             if not isinstance(x, int) or isinstance(x, bool) or x < lo:

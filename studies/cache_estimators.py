@@ -44,6 +44,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from asyncopd.cache import bytes_per_token, full_logits_bytes_per_token
+from asyncopd.config import check_finite
 from asyncopd.estimators import TAILS
 from asyncopd.objective import ObjectiveConfig, cache_layout
 from asyncopd.rollout import Batch
@@ -102,6 +103,7 @@ class Config:
     toy: toy.ToyConfig = field(default_factory=toy.ToyConfig)   # its lr also drives the drift run
 
     def __post_init__(self):
+        check_finite(self)
         cells_lib.check_distinct_ints(self, ("ks", "ms"), lo=1)
         cells_lib.check_distinct_ints(self, ("toy_staleness", "train_staleness", "train_seeds"))
         if not self.tails or set(self.tails) - set(TAILS) or len(set(self.tails)) < len(self.tails):

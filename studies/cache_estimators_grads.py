@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from asyncopd.cache import bytes_per_token
+from asyncopd.config import check_finite
 from asyncopd.estimators import (LOG_RATIO_GUARD, EstimatorOut, forward_kl_exact, forward_kl_topk,
                                  reverse_kl_exact, reverse_kl_mc, reverse_kl_sampled, reverse_kl_topk, token_logp)
 
@@ -239,6 +240,7 @@ class SyntheticConfig:
                                          #   z_θ − λ (z_T − z_θ), a student λ steps further from π_T; 0 = fresh
 
     def __post_init__(self):
+        check_finite(self, "synthetic.")
         for name, ok, rule in (("vocab", self.vocab >= 2, ">= 2"), ("positions", self.positions >= 1, ">= 1"),
                                ("zipf_min", 0 < self.zipf_min <= self.zipf_max, "in (0, zipf_max]"),
                                ("student_noise", self.student_noise >= 0, ">= 0")):

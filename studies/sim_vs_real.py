@@ -36,6 +36,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from asyncopd import trace
+from asyncopd.config import check_finite
 from asyncopd.scheduler import SchedulerConfig
 from backends.run import RunConfig, run as run_backend
 from backends.toy import ToyConfig
@@ -57,6 +58,7 @@ class RunSpec:
     length_power: float = 1.3            # the task's list-length law L^-a: smaller a = longer answers
 
     def __post_init__(self):
+        check_finite(self, f"configs[{self.name}].")
         for name, ok in (("eta", self.eta >= 0), ("batch_size", self.batch_size >= 1),
                          ("rollout_workers", self.rollout_workers >= 1), ("length_power", self.length_power >= 0)):
             if not ok:

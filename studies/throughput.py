@@ -49,6 +49,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from asyncopd import trace
+from asyncopd.config import check_finite
 from asyncopd.scheduler import ON_STALE, SchedulerConfig
 from backends.toy import ToyConfig
 from sim.costs import ClusterShape, CostModel, Workload
@@ -107,6 +108,7 @@ class Config:
     scale: str = "default"               # default | smoke (set by the `scale` config group)
 
     def __post_init__(self):
+        check_finite(self)
         self.shapes = [Shape(**s) if isinstance(s, dict) else s for s in self.shapes]
         for group, name in ((g, getattr(s, g)) for s in self.shapes for g in ("cluster", "workload")):
             if not (CONF / group / f"{name}.yaml").exists():

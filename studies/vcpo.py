@@ -35,6 +35,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from asyncopd.config import check_finite
 from asyncopd.scheduler import SchedulerConfig
 from backends import toy
 from backends.run import RunConfig
@@ -63,6 +64,7 @@ class Config:
     toy: toy.ToyConfig = field(default_factory=toy.ToyConfig)   # task, models, batch, base lr, evals; vcpo_lr per arm
 
     def __post_init__(self):
+        check_finite(self)
         a = list(self.arms)
         if not a or len(set(a)) < len(a) or set(a) - set(ARMS):
             raise ValueError(f"arms must be distinct names from {tuple(ARMS)}, got {a!r}")

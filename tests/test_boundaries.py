@@ -40,6 +40,25 @@ def test_core_imports_no_runtime():
     assert not mods & RUNTIME_PACKAGES, mods & RUNTIME_PACKAGES
 
 
+HEAVY_PACKAGES = {"torch", "transformers", "ray", "vllm", "pandas", "simpy"}
+CONFIG_PROBE = f"""
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+import asyncopd.config, asyncopd.scheduler, backends.config, backends.health, backends.vllm_fsdp.config, backends.run
+with initialize_config_dir(config_dir={str(ROOT / "conf")!r}, version_base="1.3"):
+    runs = [OmegaConf.to_object(compose("run", overrides=o)) for o in ([], ["exec=ray", "staleness=2"])]
+assert [type(r).__name__ for r in runs] == ["RunConfig", "RunConfig"] and runs[1].scheduler.max_staleness == 2"""
+
+
+def test_config_schemas_import_no_heavy_package():
+    """`python -m backends.run` composes and validates the whole config (every schema's __post_init__) before it
+    imports a runner: the schemas, RunConfig and the validation import none of torch, transformers, ray, vllm,
+    pandas, simpy (a config error then shows up in about a second)."""
+    mods = imported_modules(CONFIG_PROBE)
+    assert {"asyncopd", "backends", "hydra"} <= mods                 # the probe really built the configs
+    assert not mods & HEAVY_PACKAGES, mods & HEAVY_PACKAGES
+
+
 # --- static import graph ------------------------------------------------------------------------------------
 
 def _module_name(path: Path) -> str:

@@ -27,8 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.autograd.function import once_differentiable
 
-TAILS = ("bucket", "renorm", "none")
-DEFAULT_CHUNK_SIZE = 1024  # rows per chunk: ~4·1024·V bytes of fp32 temporaries (0.6 GiB at V = 150k)
+from asyncopd.config import DEFAULT_CHUNK_SIZE, TAILS   # torch-free, beside ObjectiveConfig that offers them
 LOG_RATIO_GUARD = 20.0     # |log-ratio| clamp before exp() (e^20 ≈ 4.9e8); shared with policy_gradient.py
 # A tail mass that rounds to exactly 0 (empty complement, or a teacher whose support mass rounds to 1) is
 # read as the smallest normal float32 mass: finite loss, and the right sign of gradient, instead of inf.

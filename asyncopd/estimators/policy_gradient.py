@@ -19,11 +19,8 @@ import math
 
 import torch
 
+from asyncopd.config import BASELINES, CORRECTIONS, SIGNALS   # torch-free, beside ObjectiveConfig that offers them
 from asyncopd.estimators.kl import DEFAULT_CHUNK_SIZE, LOG_RATIO_GUARD, EstimatorOut, _check_common, _masked_mean
-
-SIGNALS = ("recompute", "stale")
-CORRECTIONS = ("none", "is", "tis", "clip", "decoupled", "m2po")
-BASELINES = ("none", "vcpo")
 
 
 # --- VCPO -----------------------------------------------------------------------------------------------

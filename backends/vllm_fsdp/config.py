@@ -1,12 +1,17 @@
-"""`RealConfig`: the `vllm_fsdp.*` keys of a run (backend=vllm_fsdp): model folders, vLLM engines, FSDP2 learner."""
+"""`RealConfig`: the `vllm_fsdp.*` keys of a run (backend=vllm_fsdp): model folders, vLLM engines, FSDP2 learner.
+
+Importable without torch or vllm, so a run checks it before loading them; the engine and learner modules take their
+option names (DTYPES, MIXED_PRECISION) from here, and parts.py turns it into a VLLMConfig (`engine_config`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from backends.vllm_fsdp.fsdp_learner import MIXED_PRECISION
-from backends.vllm_fsdp.vllm_engine import DTYPES, VLLMConfig
+from asyncopd.config import check_finite
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")   # vLLM weights and compute (vllm_engine.VLLMConfig.dtype)
+MIXED_PRECISION = ("fp32", "bf16")                     # the FSDP2 learner's compute (fsdp_learner.FSDPLearner)
 
 
 @dataclass
@@ -23,6 +28,7 @@ class RealConfig:
     head_chunk_tokens: int = 2048        # learner: lm-head rows per chunk, >= 1 (peak logits: chunk × vocab)
 
     def __post_init__(self):
+        check_finite(self, "vllm_fsdp.")
         if self.dtype not in DTYPES:
             raise ValueError(f"vllm_fsdp.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.mixed_precision not in MIXED_PRECISION:
@@ -40,8 +46,3 @@ class RealConfig:
             path = getattr(self, name)
             if path and not (Path(path) / "config.json").is_file():
                 raise ValueError(f"vllm_fsdp.{name}={path!r} is not a local Hugging Face folder (no config.json)")
-
-    def engine_config(self, path: Path, gpu_memory: float, max_logprobs: int) -> VLLMConfig:
-        return VLLMConfig(model_path=str(path), dtype=self.dtype, gpu_memory_utilization=gpu_memory,
-                          max_model_len=self.max_model_len, max_logprobs=max_logprobs,
-                          enforce_eager=self.enforce_eager, trust_remote_code=self.trust_remote_code)

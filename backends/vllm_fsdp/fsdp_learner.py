@@ -44,8 +44,7 @@ from backends import optim
 from backends.toy_models import pack
 from backends.vllm_fsdp import fsdp_checkpoint
 from backends.vllm_fsdp.chunked_head import DEFAULT_CHUNK_TOKENS, ChunkedHeadModel, chunked_opd_loss, head_token_logp
-
-MIXED_PRECISION = ("fp32", "bf16")
+from backends.vllm_fsdp.config import MIXED_PRECISION   # torch-free there, so RealConfig checks it early
 
 
 def decoder_blocks(lm: nn.Module) -> nn.ModuleList:

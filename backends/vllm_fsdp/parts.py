@@ -32,8 +32,9 @@ from transformers import AutoModelForCausalLM
 from asyncopd.objective import cache_layout
 from backends.evaluate import Evaluator
 from backends.toy_export import export_toy_models
+from backends.vllm_fsdp.config import RealConfig
 from backends.vllm_fsdp.fsdp_learner import FSDPLearner
-from backends.vllm_fsdp.vllm_engine import VLLMRolloutEngine, build_llm_engine, logprobs_mode_for
+from backends.vllm_fsdp.vllm_engine import VLLMConfig, VLLMRolloutEngine, build_llm_engine, logprobs_mode_for
 from backends.vllm_fsdp.vllm_teacher import VLLMTeacher
 
 
@@ -42,6 +43,13 @@ def model_paths(cfg) -> tuple[Path, Path]:
     real = cfg.vllm_fsdp
     exported = export_toy_models(cfg.toy) if not (real.teacher_path and real.student_path) else (None, None)
     return Path(real.teacher_path or exported[0]), Path(real.student_path or exported[1])
+
+
+def engine_config(real: RealConfig, path: Path, gpu_memory: float, max_logprobs: int) -> VLLMConfig:
+    """The vLLM engine of one role (rollout or teacher) on the model folder `path`."""
+    return VLLMConfig(model_path=str(path), dtype=real.dtype, gpu_memory_utilization=gpu_memory,
+                      max_model_len=real.max_model_len, max_logprobs=max_logprobs,
+                      enforce_eager=real.enforce_eager, trust_remote_code=real.trust_remote_code)
 
 
 def init_single_process_group(device: torch.device) -> None:
@@ -86,10 +94,10 @@ def lockstep_parts(cfg, *, build_engine=build_llm_engine):
 
     temperature = toy.temperature
     engine = VLLMRolloutEngine(
-        *build_engine(real.engine_config(student_path, real.rollout_gpu_memory, 0),
+        *build_engine(engine_config(real, student_path, real.rollout_gpu_memory, 0),
                       logprobs_mode=logprobs_mode_for(temperature)),
         max_new_tokens=task.max_response_len, temperature=temperature, eos_id=task.eos_id, seed=cfg.seed)
-    teacher = VLLMTeacher(*build_engine(real.engine_config(teacher_path, real.teacher_gpu_memory, topk),
+    teacher = VLLMTeacher(*build_engine(engine_config(real, teacher_path, real.teacher_gpu_memory, topk),
                                         logprobs_mode="raw_logprobs"), batch_size=toy.batch_size)
     init_single_process_group(device)
     learner = FSDPLearner(student.to(device), objective, lr=toy.lr, pad_id=task.pad_id,

@@ -67,8 +67,8 @@ from types import SimpleNamespace
 import torch
 
 from asyncopd.rollout import Trajectory
+from backends.vllm_fsdp.config import DTYPES   # torch-free there, so RealConfig checks vllm_fsdp.dtype early
 
-DTYPES = ("auto", "bfloat16", "float16", "float32")
 LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")   # vLLM's logits modes would return logits, not log-probs
 INSTALL_HINT = 'backends.vllm_fsdp needs vLLM: pip install -e ".[gpu]"'
 
