@@ -20,6 +20,8 @@ naming the field, and `run` imports the chosen runner (torch, transformers, ray)
 from __future__ import annotations
 
 import logging
+import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,10 +138,23 @@ def run(cfg: RunConfig, out_dir: Path):
     raise ValueError(f"unknown backend {cfg.backend!r}")
 
 
+def take_signals() -> None:
+    """The run owns its process's ending. A run started from a script or a background job may inherit an ignored
+    SIGINT: Python's handler is restored (and the log says so), so Ctrl-C / kill -INT stop it. SIGTERM raises
+    SystemExit(143) instead of killing the process outright, so the run's cleanup (workers stopped, Ray shut
+    down) runs as it does for Ctrl-C."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        log.warning("SIGINT was ignored (inherited from a background job or a script): restored, so Ctrl-C and "
+                    "kill -INT stop this run")
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="run")
 def main(dcfg: DictConfig) -> None:
     cfg: RunConfig = OmegaConf.to_object(dcfg)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    take_signals()
     df = run(cfg, out_dir)
     last = df.iloc[-1]
     log.info("done: %d steps, final accuracy %s, kl %.4f -> %s", int(last["step"]), last.get("accuracy"),

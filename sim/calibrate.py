@@ -51,6 +51,7 @@ from omegaconf import DictConfig, OmegaConf
 from scipy.optimize import nnls
 
 from asyncopd import trace as trace_io
+from asyncopd.config import check_finite
 from asyncopd.scheduler import ON_STALE, SchedulerConfig
 from sim.costs import ClusterShape, CostModel, LengthDist, Workload
 
@@ -70,6 +71,7 @@ class CalibrateConfig:
     on_poor_fit: str = "error"           # error: a poor fit stops calibration | warn: write the YAML, warn loudly
 
     def __post_init__(self):
+        check_finite(self)
         if not 0 <= self.min_r2 <= 1:
             raise ValueError(f"min_r2 must be in [0, 1], got {self.min_r2}")
         if self.on_poor_fit not in ON_POOR_FIT:

@@ -146,3 +146,20 @@ def test_cli_rejects_bad_value_before_any_work(tmp_path):
 def test_tensorboard_logger_writes_scalars(model_cache, tmp_path):
     run(tiny(model_cache, steps=2, logger="tensorboard"), tmp_path)
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_run_started_with_sigint_ignored(model_cache, tmp_path):
+    """A run started from a script or a background job inherits an ignored SIGINT; the run restores Python's
+    handler (and says so), so Ctrl-C / kill -INT still stop it instead of training to the end."""
+    env = {**os.environ, "ASYNCOPD_CACHE": model_cache}
+    proc = subprocess.Popen(cli(tmp_path, "steps=100000"), env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (tmp_path / "checkpoint" / "latest").exists():
+        time.sleep(0.05)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)                     # reads while it waits: a full pipe cannot block it
+    assert proc.returncode != 0 and "SIGINT was ignored" in out
