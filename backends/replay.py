@@ -14,7 +14,7 @@ cluster would produce. Per operation:
 
 Uids are admission indices, as the simulator numbers them; prompts and tokens are functions of the uid (the
 session's prompts, the engine's counter RNG), so a replay is deterministic, and the trained staleness histogram
-(staleness_hist.csv, as sim.run writes it) equals the simulated one (tests/test_toy_replay.py). A checkpoint
+(staleness_hist.csv, as sim.run writes it) equals the simulated one (tests/test_replay.py). A checkpoint
 also stores the trajectories generated but not yet trained (pending.safetensors: safetensors, never a pickle)
 and the operation index, so `resume=true` rebuilds the scheduler by replaying the log up to that index and
 continues exactly.

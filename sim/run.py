@@ -69,7 +69,7 @@ ConfigStore.instance().store(name="sim_schema", node=SimConfig)
 
 
 def write_schedule(path: Path, sched_cfg: SchedulerConfig, ops: list[tuple[str, int]], summary: dict) -> None:
-    """The scheduler's operation log with the config that produced it; `backends.toy_replay` replays it."""
+    """The scheduler's operation log with the config that produced it; `backends.replay` replays it."""
     doc = {"scheduler": asdict(sched_cfg), "steps": sum(op == "step" for op, _ in ops),
            "staleness_hist": summary["staleness_hist"], "ops": [[op, int(a)] for op, a in ops]}
     atomic_write(path, json.dumps(doc))
