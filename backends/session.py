@@ -135,8 +135,10 @@ class RunSession:
         self.rows = pd.read_csv(self.out_dir / "metrics.csv").query("step <= @self.start").to_dict("records")
         for row in self.rows:                             # the health check's baselines and streak, as they were
             self.health(row)
-        self.rec.events = trace.from_frame(trace.read(self.out_dir / "trace.csv").iloc[:state["n_events"]])
-        self.rec.origin = self.clock() - state["t_ckpt"]
+        t_ckpt = state["t_ckpt"]                          # by time, not count: workers' events arrive late and
+        events = trace.read(self.out_dir / "trace.csv")   # sort in before later ones
+        self.rec.events = trace.from_frame(events[events.t <= t_ckpt])
+        self.rec.origin = self.clock() - t_ckpt
         log.info("resumed from %s at version %d", path, self.start)
         return {"path": path, "ring": ring, "state": state}
 
@@ -235,7 +237,7 @@ class RunSession:
         newest keep_checkpoints checkpoints."""
         self.write_tables(driver)
         store(self.ckpt_root, version=version, ring=ring or {}, extra=extra,
-              state={"config_digest": self.digest, "n_events": len(self.rec.events), "t_ckpt": self.rec.now(),
+              state={"config_digest": self.digest, "t_ckpt": self.rec.now(),
                      "driver": driver.state(), **(state or {})})
         checkpoint.prune(self.ckpt_root, self.cfg.keep_checkpoints)
 
