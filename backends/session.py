@@ -132,7 +132,8 @@ class RunSession:
             return None
         path, ring, state = got
         self.start = int(state["version"])
-        self.rows = pd.read_csv(self.out_dir / "metrics.csv").query("step <= @self.start").to_dict("records")
+        rows = pd.read_csv(self.out_dir / "metrics.csv", dtype={"objective": str, "staleness": str, "health": str})
+        self.rows = rows[rows.step <= self.start].to_dict("records")
         for row in self.rows:                             # the health check's baselines and streak, as they were
             self.health(row)
         t_ckpt = state["t_ckpt"]                          # by time, not count: workers' events arrive late and

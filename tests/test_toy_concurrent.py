@@ -88,6 +88,11 @@ def test_resume_continues(model_cache, tmp_path):
     assert m.step.tolist() == [0, 1, 2, 3, 4] and (m[m.step > 0].staleness_max <= 2).all()
     assert json.loads((tmp_path / "run_info.json").read_text())["resumed_from_step"] == 2
     assert trace.read(tmp_path / "trace.csv").query("kind == 'learner_step'").version.tolist() == [1, 2, 3, 4]
+    assert m.staleness.tolist() == ["2"] * 5                   # the restored rows keep the knob as given
+    counts = m.iloc[-1]                                        # whole-run counters: what was in flight is lost
+    assert counts.sched_n_admitted == (counts.sched_in_flight + counts.sched_n_ready + counts.sched_n_trained
+                                       + counts.sched_n_dropped + counts.sched_n_lost)
+    assert counts.sched_n_trained == 4 * 8
 
 
 def test_concurrent_config_validation():
