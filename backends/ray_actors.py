@@ -37,9 +37,7 @@ from asyncopd.objective import cache_layout
 from asyncopd.rollout import scored_tokens
 from backends.evaluate import Evaluator
 from backends.engine_pump import RolloutPump
-from backends.toy_engine import ToyRolloutEngine
 from backends.toy_learner import ToyLearner
-from backends.toy_teacher import ToyTeacher
 from backends.weight_sync import broadcast_state_dict
 
 POLL_S = 0.005                 # idle wait of the engine thread
@@ -67,12 +65,13 @@ class _Role:
 
 
 class LearnerActor(_Role):
-    def __init__(self, cfg, student_bytes: bytes, teacher_bytes: bytes):
+    def __init__(self, cfg, roles):
         toy = cfg.toy
         torch.set_num_threads(cfg.concurrent.threads_per_role)
         device = _device(cfg.ray.learner_gpus)
         task = toy.task()
-        student, teacher = pickle.loads(student_bytes).to(device), pickle.loads(teacher_bytes).to(device)
+        student = pickle.loads(roles.student_bytes).to(device)
+        teacher = pickle.loads(roles.teacher_bytes).to(device)
         self.learner = ToyLearner(student, cfg.objective, lr=toy.lr, pad_id=task.pad_id,
                                   weight_decay=toy.weight_decay, grad_clip=toy.grad_clip, vcpo_lr=toy.vcpo_lr)
         self.evaluate_fn = Evaluator(task, student, teacher, n_prompts=toy.eval_prompts, seed=cfg.seed, device=device)
@@ -114,10 +113,9 @@ class LearnerActor(_Role):
 
 
 class TeacherActor(_Role):
-    def __init__(self, cfg, teacher_bytes: bytes):
+    def __init__(self, cfg, roles):
         torch.set_num_threads(cfg.concurrent.threads_per_role)
-        self.teacher = ToyTeacher(pickle.loads(teacher_bytes), batch_size=cfg.toy.batch_size,
-                                  device=_device(cfg.ray.teacher_gpus))
+        self.teacher = roles.teacher(_device(cfg.ray.teacher_gpus))
         self.topk, self.n_samples = cache_layout(cfg.objective)
 
     def score(self, trajs) -> tuple[list, list[trace.Event]]:
@@ -128,18 +126,13 @@ class TeacherActor(_Role):
 
 
 class RolloutActor(_Role):
-    def __init__(self, i: int, cfg, student_bytes: bytes, teacher_bytes: bytes | None, crash_after: int = 0):
+    def __init__(self, i: int, cfg, roles, colocated: bool, crash_after: int = 0):
         c, toy = cfg.concurrent, cfg.toy
         torch.set_num_threads(c.threads_per_role)
-        task = toy.task()
         topk, n_samples = cache_layout(cfg.objective)
         device = _device(cfg.ray.rollout_gpus)
-        engine = ToyRolloutEngine(pickle.loads(student_bytes), max_batch=toy.engine_slots,
-                                  max_new_tokens=task.max_response_len, temperature=toy.temperature,
-                                  eos_id=task.eos_id, seed=cfg.seed, capture_samples=n_samples,
-                                  kv_on_update=c.kv_on_update, device=device)
-        teacher = (ToyTeacher(pickle.loads(teacher_bytes), batch_size=toy.batch_size, device=device)
-                   if teacher_bytes else None)
+        engine = roles.rollout_engine(0, device)
+        teacher = roles.teacher(device) if colocated else None
         self.i, self.bucket_bytes, self.colocated = i, cfg.ray.sync_bucket_bytes, teacher is not None
         self.rec = trace.Recorder(time.time)                          # written by the engine thread only
         self.pump = RolloutPump(engine, self.rec, worker=i, in_flight_updates=c.weight_update == "in_flight",

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -53,7 +52,7 @@ from asyncopd.scheduler import Scheduler
 from backends.config import RayConfig, check_fits   # torch-free, so a run checks them first; re-exported here
 from backends.engine_pump import admit_round
 from backends.session import RunSession
-from backends.toy import build_models
+from backends.toy import ToyRoles, build_models
 from backends.toy_concurrent import CRASH_ENV
 
 log = logging.getLogger(__name__)
@@ -138,18 +137,18 @@ def start_actors(cfg, roles: Roles, student_model, teacher_model) -> list[str]:
 
     ray, c, rc = roles.ray, cfg.concurrent, cfg.ray
     colocated = c.placement == "colocate_teacher_with_rollout"
-    student_ref, teacher_ref = ray.put(pickle.dumps(student_model)), ray.put(pickle.dumps(teacher_model))
+    roles_ref = ray.put(ToyRoles.of(cfg, student_model, teacher_model))
     roles.actors["learner"] = ray.remote(ray_actors.LearnerActor).options(
-        num_cpus=rc.learner_cpus, num_gpus=rc.learner_gpus).remote(cfg, student_ref, teacher_ref)
+        num_cpus=rc.learner_cpus, num_gpus=rc.learner_gpus).remote(cfg, roles_ref)
     names = [f"rollout actor {i}" for i in range(c.rollout_workers)]
     for i, name in enumerate(names):
         roles.actors[name] = ray.remote(ray_actors.RolloutActor).options(
             num_cpus=rc.rollout_cpus, num_gpus=rc.rollout_gpus, max_concurrency=3).remote(
-            i, cfg, student_ref, teacher_ref if colocated else None,
+            i, cfg, roles_ref, colocated,
             int(os.environ.get(CRASH_ENV, "0")) if i == 0 else 0)
     if not colocated:
         roles.actors["teacher"] = ray.remote(ray_actors.TeacherActor).options(
-            num_cpus=rc.teacher_cpus, num_gpus=rc.teacher_gpus).remote(cfg, teacher_ref)
+            num_cpus=rc.teacher_cpus, num_gpus=rc.teacher_gpus).remote(cfg, roles_ref)
     return names
 
 

@@ -4,11 +4,14 @@
 models (trained here once and cached as safetensors, nothing downloaded), the rollout batch, the learner and the
 evaluation cadence. `build_models` loads or trains the pair; `lockstep_parts` builds the roles of a one-process
 run (lockstep and schedule replay: backends/lockstep.py, backends/replay.py); `mixture_engine` is the rollout
-mixture's teacher sampler.
-The concurrent and Ray runs build the same roles inside their worker processes and actors.
+mixture's teacher sampler. The concurrent and Ray runs build their rollout engines and teachers inside their
+worker processes and actors from a `ToyRoles`, which carries the models there.
 """
 
 from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
 
 import torch
 
@@ -34,6 +37,32 @@ def build_models(toy: ToyConfig):
         steps=toy.student_warmup_steps, seed=toy.model_seed, lr=toy.sft_lr, batch_size=toy.sft_batch_size,
         cache_dir=toy.cache_dir)
     return task, teacher, student, {"teacher": t_info, "student": s_info}
+
+
+@dataclass
+class ToyRoles:
+    """How a worker process or a Ray actor builds its toy roles: the run's config and both models, pickled by
+    this run's own process (pickle travels only between a run's live processes, never through a run folder)."""
+
+    cfg: object                          # backends.run.RunConfig
+    student_bytes: bytes
+    teacher_bytes: bytes
+
+    @classmethod
+    def of(cls, cfg, student_model, teacher_model) -> ToyRoles:
+        return cls(cfg, pickle.dumps(student_model), pickle.dumps(teacher_model))
+
+    def rollout_engine(self, version: int, device: str | torch.device = "cpu") -> ToyRolloutEngine:
+        """A streaming rollout engine on the student (weights of `version` until the first load)."""
+        toy, task = self.cfg.toy, self.cfg.toy.task()
+        return ToyRolloutEngine(pickle.loads(self.student_bytes), max_batch=toy.engine_slots,
+                                max_new_tokens=task.max_response_len, temperature=toy.temperature,
+                                eos_id=task.eos_id, seed=self.cfg.seed, version=version,
+                                capture_samples=cache_layout(self.cfg.objective)[1],
+                                kv_on_update=self.cfg.concurrent.kv_on_update, device=device)
+
+    def teacher(self, device: str | torch.device = "cpu") -> ToyTeacher:
+        return ToyTeacher(pickle.loads(self.teacher_bytes), batch_size=self.cfg.toy.batch_size, device=device)
 
 
 def mixture_engine(task: SortTask, teacher_model, toy: ToyConfig, *, seed: int, capture_samples: int,

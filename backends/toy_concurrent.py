@@ -61,14 +61,13 @@ from backends.config import ConcurrentConfig   # torch-free, so a run checks it 
 from backends.engine_pump import RolloutPump, admit_round
 from backends.evaluate import Evaluator
 from backends.session import RunSession
-from backends.toy import build_models
-from backends.toy_engine import ToyRolloutEngine
+from backends.toy import ToyRoles, build_models
 from backends.toy_learner import ToyLearner
-from backends.toy_teacher import ToyTeacher
 
 log = logging.getLogger(__name__)
 CRASH_ENV = "ASYNCOPD_TEST_CRASH_ROLLOUT_AFTER"   # test hook: rollout worker 0 raises after this many rollouts
 POLL_S = 0.005                                   # idle wait of a process loop
+STOP = b"stop"                                   # the learner's last message on a request queue
 
 
 # --- children ------------------------------------------------------------------------------------------------
@@ -121,20 +120,16 @@ def _flush(rec: trace.Recorder, events_q) -> None:
         rec.events = []
 
 
-def rollout_worker(i, cfg, model_bytes, teacher_bytes, version, origin, req_q, weights_q, out_q, events_q, stop):
+def rollout_worker(i, cfg, roles, colocated, version, origin, req_q, weights_q, out_q, events_q, stop):
     """A rollout worker process: the rollout pump over this process's queues."""
-    c, toy = cfg.concurrent, cfg.toy
+    c = cfg.concurrent
     torch.set_num_threads(c.threads_per_role)
-    task = toy.task()
     topk, n_samples = cache_layout(cfg.objective)
-    engine = ToyRolloutEngine(pickle.loads(model_bytes), max_batch=toy.engine_slots,
-                              max_new_tokens=task.max_response_len, temperature=toy.temperature, eos_id=task.eos_id,
-                              seed=cfg.seed, version=version, capture_samples=n_samples,
-                              kv_on_update=c.kv_on_update)
+    engine = roles.rollout_engine(version)
     rec = trace.Recorder(time.monotonic, origin=origin)
     pump = RolloutPump(engine, rec, worker=i, in_flight_updates=c.weight_update == "in_flight",
-                       teacher=ToyTeacher(pickle.loads(teacher_bytes), batch_size=toy.batch_size) if teacher_bytes
-                       else None, topk=topk, n_samples=n_samples, score_group=toy.batch_size // 4, trace_loads=True,
+                       teacher=roles.teacher() if colocated else None, topk=topk, n_samples=n_samples,
+                       score_group=cfg.toy.batch_size // 4, trace_loads=True,
                        crash_after=int(os.environ.get(CRASH_ENV, "0")) if i == 0 else 0)
     events_q.put(("ready", f"rollout worker {i}"))
     t_flush = time.monotonic()
@@ -142,7 +137,7 @@ def rollout_worker(i, cfg, model_bytes, teacher_bytes, version, origin, req_q, w
         while (msg := _get_nowait(weights_q)) is not None:
             pump.offer_weights(*pickle.loads(msg))
         while (msg := _get_nowait(req_q)) is not None:
-            if msg is None:                               # the learner's stop message
+            if msg == STOP:                               # the learner's stop message
                 return _flush(rec, events_q)
             pump.offer(pickle.loads(msg))
         for trajs, scores in pump.tick():                 # to the teacher, or scored to the learner (colocated)
@@ -165,10 +160,10 @@ def _get_nowait(q):
         return None
 
 
-def teacher_worker(cfg, teacher_bytes, origin, in_q, out_q, events_q, stop):
+def teacher_worker(cfg, roles, origin, in_q, out_q, events_q, stop):
     torch.set_num_threads(cfg.concurrent.threads_per_role)
     B, (topk, n_samples) = cfg.toy.batch_size, cache_layout(cfg.objective)
-    teacher = ToyTeacher(pickle.loads(teacher_bytes), batch_size=B)
+    teacher = roles.teacher()
     rec = trace.Recorder(time.monotonic, origin=origin)
     events_q.put(("ready", "teacher"))
     while not stop.is_set():
@@ -277,20 +272,20 @@ class Workers:
         self.req_qs = [ctx.Queue(maxsize=(cfg.scheduler.eta + 1) * B + 1) for _ in range(c.rollout_workers)]
         self.weights_qs = [ctx.Queue() for _ in range(c.rollout_workers)]   # drained by the workers every tick
         self.queues = [q for q in (self.events_q, self.scored_q, traj_q, *self.req_qs, *self.weights_qs) if q]
-        student_bytes, teacher_bytes = pickle.dumps(student_model), pickle.dumps(teacher_model)
+        roles = ToyRoles.of(cfg, student_model, teacher_model)
         origin, start = session.rec.origin, session.start
         self.procs: dict[str, mp.Process] = {}
         for i in range(c.rollout_workers):
             name = f"rollout worker {i}"
             self.procs[name] = ctx.Process(
                 target=_child, name=f"asyncopd-rollout-{i}", daemon=True,
-                args=(name, rollout_worker, self.events_q, self.stop, i, cfg, student_bytes,
-                      teacher_bytes if colocated else None, start, origin, self.req_qs[i], self.weights_qs[i],
+                args=(name, rollout_worker, self.events_q, self.stop, i, cfg, roles, colocated, start, origin,
+                      self.req_qs[i], self.weights_qs[i],
                       self.scored_q if colocated else traj_q, self.events_q, self.stop))
         if not colocated:
             self.procs["teacher"] = ctx.Process(
                 target=_child, name="asyncopd-teacher", daemon=True,
-                args=("teacher", teacher_worker, self.events_q, self.stop, cfg, teacher_bytes, origin, traj_q,
+                args=("teacher", teacher_worker, self.events_q, self.stop, cfg, roles, origin, traj_q,
                       self.scored_q, self.events_q, self.stop))
         self.ready: set[str] = set()
 
@@ -342,7 +337,7 @@ class Workers:
         self.stop.set()
         for q in self.req_qs:
             try:
-                q.put_nowait(None)
+                q.put_nowait(STOP)
             except queue.Full:
                 pass
         alive = [p for p in self.procs.values() if p.pid is not None]
