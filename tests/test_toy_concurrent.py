@@ -109,35 +109,11 @@ def test_concurrent_config_validation():
 def test_ctrl_c_stops_every_process_and_keeps_the_checkpoint(model_cache, tmp_path):
     """SIGINT to the CLI mid-run: it exits non-zero, no process of the run survives, the checkpoint loads."""
     import signal
-    import subprocess
-    import sys
-    import time
-
     from backends import checkpoint
-    root = Path(__file__).resolve().parents[1]
-    args = [sys.executable, "-m", "backends.run", "exec=concurrent", "staleness=1", "steps=400",
-            *[f"toy.{k}={v}" for k, v in TINY.items()], f"hydra.run.dir={tmp_path}"]
-    proc = subprocess.Popen(args, cwd=root, env={**os.environ, "ASYNCOPD_CACHE": model_cache},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and not (tmp_path / "checkpoint" / "latest").exists():
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.stderr.read()          # still training when interrupted
-    family = {int(c) for t in Path(f"/proc/{proc.pid}/task").iterdir() for c in (t / "children").read_text().split()}
-    assert family                                           # the workers were running
+    proc, family = start_cli_run(model_cache, tmp_path)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) != 0
-    def alive():
-        out = {}
-        for p in family:
-            try:
-                cmd, state = Path(f"/proc/{p}/cmdline").read_bytes(), Path(f"/proc/{p}/stat").read_text().split()[2]
-            except OSError:
-                continue
-            if b"resource_tracker" not in cmd and state != "Z":
-                out[p] = (state, cmd[:200])
-        return out
-    assert not alive()                                      # zombies awaiting init's reaping do not count
+    assert not survivors(family, within_s=10)                # zombies awaiting their reaper do not count
     assert checkpoint.latest(tmp_path / "checkpoint") is not None
 
 
