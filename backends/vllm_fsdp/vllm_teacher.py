@@ -17,26 +17,39 @@ pass below reads *sampler* log-probs, which are the raw T = 1 ones only under lo
 
 **MC samples** (`n_samples = M`: the trajectory's captured `sample_ids[:, :M]`, drawn from π_β). Prompt
 log-probs report only the token actually in the prompt, so each response position j becomes an alternate
-request over the prefix prompt + response[:j] with `max_tokens=1, logprobs=0, logprob_token_ids=<the M
-samples at j>`: the log-probs at its first generated position are log π_T(· | s_j) of exactly those ids, all
-M in one request. Cost, per trajectory of P + L tokens:
+request over the prefix prompt + response[:j] with `max_tokens=1, logprob_token_ids=<the distinct samples at
+j>` and `logprobs` unset: the log-probs at its first generated position are log π_T(· | s_j) of exactly those
+ids, all M in one request. Read them by token id only: vLLM then reports positions 1..M as their "ranks", and
+it refuses `logprobs=0` beside `logprob_token_ids` (logprobs must equal len(logprob_token_ids)). Cost, per
+trajectory of P + L tokens:
 - main pass: P + L prefill tokens. vLLM skips *reading* the prefix cache for a request with prompt_logprobs
   (`skip_reading_prefix_cache` defaults to True there: cached positions would produce no logits), but its
   full KV blocks are still written to the cache;
 - MC pass (run after the main pass of the batch): L requests that do read the cache. The main pass cached the
   prefix up to its last full block, and vLLM recomputes from that block boundary (at least the last token), so
-  each alternate costs 1 to block_size new tokens, (block_size + 1)/2 ≈ 8.5 on average at block_size 16:
-  ~8.5·L extra prefill tokens (more if blocks were evicted meanwhile), plus attention over prefixes of P..P+L−1
-  tokens, for any M ≤ 128 (vLLM's limit on `logprob_token_ids`). Putting each sample last in the prompt
-  instead (prompt + response[:j] + [y], prompt_logprobs) would cost P + j + 1 tokens per sample, M·L·(P + L/2)
-  per trajectory, because such requests skip the cache read. The two passes never share an engine step (vLLM
-  0.28 let one request's `logprob_token_ids` replace a neighbour's top-k in a mixed batch).
+  each alternate costs 1 to block_size new tokens, (block_size + 1)/2 on average: ~(block_size + 1)/2·L extra
+  prefill tokens (more if blocks were evicted meanwhile), plus attention over prefixes of P..P+L−1 tokens, for
+  any M ≤ 128 (vLLM's limit on `logprob_token_ids`). Putting each sample last in the prompt instead
+  (prompt + response[:j] + [y], prompt_logprobs) would cost P + j + 1 tokens per sample, M·L·(P + L/2) per
+  trajectory, because such requests skip the cache read.
+- The two passes never share an engine step: when any request of a step asks for `logprob_token_ids`, vLLM's
+  sampler returns those columns in place of the top-k for the whole batch (`vllm/v1/sample/sampler.py`), so a
+  main-pass request beside them would lose its log-probs.
+- vLLM 0.32's `SamplingParams.prompt_logprob_token_ids` ([P − 1, M] ids scored at every prompt row) would score
+  the M samples inside the main pass, one request per trajectory. It needs the V2 model runner, which needs
+  Triton: on a CPU vLLM refuses such a request ("requires the V2 model runner") and refuses to start with
+  VLLM_USE_V2_MODEL_RUNNER=1 ("Model Runner V2 requires Triton"), so it is not used here.
 
-vLLM API relied on (0.31 / 0.32, V1; `vllm/sampling_params.py`, `vllm/v1/worker/gpu_model_runner.py`
-`_get_prompt_logprobs_dict`, `vllm/v1/core/kv_cache_manager.py` `get_computed_blocks`): `SamplingParams(
-max_tokens=1, temperature=1.0, prompt_logprobs=k, logprobs=0, logprob_token_ids=[...], detokenize=False,
-output_kind=RequestOutputKind.FINAL_ONLY)`, `LLMEngine.add_request / step / has_unfinished_requests`,
-`RequestOutput.prompt_logprobs`, `.outputs[0].logprobs`. vllm itself is imported only by `from_config`.
+A trajectory is scored as one prompt of P + L tokens plus the one token vLLM must generate, so the teacher
+engine's max_model_len must be >= P + L + 1 (vLLM refuses the request otherwise).
+
+vLLM API relied on (0.32, V1; `vllm/sampling_params.py`, `vllm/v1/worker/gpu_model_runner.py`
+`_get_prompt_logprobs_dict`, `vllm/v1/sample/sampler.py` `gather_specific_token_logprobs`,
+`vllm/v1/core/kv_cache_manager.py` `get_computed_blocks`): `SamplingParams(max_tokens=1, temperature=1.0,
+prompt_logprobs=k, logprob_token_ids=[...], detokenize=False, output_kind=RequestOutputKind.FINAL_ONLY)`,
+`LLMEngine.add_request / step / has_unfinished_requests`, `RequestOutput.prompt_logprobs`,
+`.outputs[0].logprobs`. vllm itself is imported only by `from_config`; tests/test_vllm_real.py checks this
+module against vLLM 0.32 on a CPU.
 """
 
 from __future__ import annotations
@@ -101,7 +114,7 @@ class VLLMTeacher:
         """log π_T of each trajectory's first M samples at every position: one request per position j over
         prompt + response[:j], read at its first generated position. Returns [L, M] float32 per trajectory."""
         requests = [(torch.cat([t.prompt_ids, t.response_ids[:j]]),
-                     dict(logprobs=0, logprob_token_ids=sorted(set(t.sample_ids[j, :M].tolist()))))
+                     dict(logprob_token_ids=sorted(set(t.sample_ids[j, :M].tolist()))))
                     for t in trajs for j in range(t.n_tokens)]
         outs = iter(self._run(requests))
         scores = []
