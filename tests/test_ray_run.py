@@ -7,7 +7,6 @@ share one module-scoped instance (`shared_ray`), which run() joins and leaves ru
 
 import json
 import os
-import pickle
 import shutil
 import signal
 import threading
@@ -24,7 +23,7 @@ from asyncopd.objective import ObjectiveConfig
 from backends.ray_actors import TeacherActor
 from backends.ray_run import RayConfig, check_fits, run
 from backends.run import RunConfig
-from backends.toy import ToyConfig, build_models
+from backends.toy import ToyConfig, ToyRoles, build_models
 from backends.toy_concurrent import CRASH_ENV, ConcurrentConfig
 from backends.toy_engine import ToyRolloutEngine
 from backends.toy_teacher import ToyTeacher, scored_tokens
@@ -110,7 +109,7 @@ def test_teacher_actor_scores_like_the_toy_teacher(model_cache):
     task, teacher, student, _ = build_models(cfg.toy)
     engine = ToyRolloutEngine(student, max_new_tokens=task.max_response_len, eos_id=task.eos_id)
     trajs = engine.generate(task.make_prompts(5, seed=3), list(range(5)))
-    got, events = TeacherActor(cfg, pickle.dumps(teacher)).score(trajs)
+    got, events = TeacherActor(cfg, ToyRoles.of(cfg, student, teacher)).score(trajs)
     want = ToyTeacher(teacher, batch_size=8).score(trajs, topk=0, n_samples=0)
     assert [torch.equal(g.sampled_logp, w.sampled_logp) for g, w in zip(got, want)] == [True] * 5
     assert [(e.kind, e.n_seqs, e.tokens) for e in events] == [("teacher", 5, scored_tokens(trajs))]

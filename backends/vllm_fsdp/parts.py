@@ -49,7 +49,8 @@ def engine_config(real: RealConfig, path: Path, gpu_memory: float, max_logprobs:
     """The vLLM engine of one role (rollout or teacher) on the model folder `path`."""
     return VLLMConfig(model_path=str(path), dtype=real.dtype, gpu_memory_utilization=gpu_memory,
                       max_model_len=real.max_model_len, max_logprobs=max_logprobs,
-                      enforce_eager=real.enforce_eager, trust_remote_code=real.trust_remote_code)
+                      enforce_eager=real.enforce_eager, trust_remote_code=real.trust_remote_code,
+                      cpu_kv_cache_gib=real.cpu_kv_cache_gib)
 
 
 def init_single_process_group(device: torch.device) -> None:
