@@ -131,7 +131,7 @@ class RolloutActor(_Role):
         torch.set_num_threads(c.threads_per_role)
         topk, n_samples = cache_layout(cfg.objective)
         device = _device(cfg.ray.rollout_gpus)
-        engine = roles.rollout_engine(0, device)
+        engine = roles.rollout_engine(device)
         teacher = roles.teacher(device) if colocated else None
         self.i, self.bucket_bytes, self.colocated = i, cfg.ray.sync_bucket_bytes, teacher is not None
         self.rec = trace.Recorder(time.time)                          # written by the engine thread only

@@ -5,7 +5,8 @@
     python -m backends.run backend=toy exec=concurrent staleness=2 concurrent.weight_update=in_flight steps=50
     python -m backends.run exec=ray staleness=2 steps=50                  # the same roles as Ray actors
     python -m backends.run exec=ray ray.address=auto staleness=2 steps=50 # ... on a running Ray cluster
-    python -m backends.run backend=vllm_fsdp staleness=fixed:1 steps=50   # vLLM + FSDP2 on one GPU
+    python -m backends.run backend=vllm_fsdp staleness=fixed:1 steps=50   # vLLM + FSDP2 on one GPU (or the CPU)
+    python -m backends.run backend=vllm_fsdp exec=concurrent staleness=1 steps=50   # vLLM engines in workers
     python -m backends.run ... resume=true            # continue the run in hydra.run.dir from its last checkpoint
     python -m backends.run --multirun estimator=forward_kl_topk,reverse_kl_stale staleness=fixed:0,fixed:4
 
@@ -77,8 +78,9 @@ class RunConfig:
             check_fits(self.ray, self.concurrent)
         if self.toy.mixture_frac and self.exec != "lockstep":
             raise ValueError(f"toy.mixture_frac > 0 (rollout mixture) runs with exec=lockstep only, got exec={self.exec!r}")
-        if self.backend == "vllm_fsdp" and (self.exec != "lockstep" or self.schedule_file is not None):
-            raise ValueError(f"backend=vllm_fsdp runs with exec=lockstep and staleness=fixed:<k> (got exec={self.exec}, "
+        if self.backend == "vllm_fsdp" and (self.exec == "ray" or self.schedule_file is not None):
+            raise ValueError(f"backend=vllm_fsdp runs with exec=lockstep (staleness=fixed:<k>) or exec=concurrent "
+                             f"(staleness=<η>) (got exec={self.exec}, "
                              f"staleness={self.staleness}); exec=ray runs the toy engines only so far")
 
     @property
@@ -119,6 +121,10 @@ ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
 def run(cfg: RunConfig, out_dir: Path):
+    if cfg.backend == "vllm_fsdp" and cfg.exec == "concurrent":
+        from backends import toy_concurrent
+        from backends.vllm_fsdp.parts import concurrent_parts
+        return toy_concurrent.run(cfg, out_dir, parts=concurrent_parts)
     if cfg.backend == "vllm_fsdp":
         from backends import lockstep
         from backends.vllm_fsdp.parts import lockstep_parts

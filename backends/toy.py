@@ -47,22 +47,38 @@ class ToyRoles:
     cfg: object                          # backends.run.RunConfig
     student_bytes: bytes
     teacher_bytes: bytes
+    version: int = 0                     # the version of the student's weights in student_bytes
 
     @classmethod
-    def of(cls, cfg, student_model, teacher_model) -> ToyRoles:
-        return cls(cfg, pickle.dumps(student_model), pickle.dumps(teacher_model))
+    def of(cls, cfg, student_model, teacher_model, version: int = 0) -> ToyRoles:
+        return cls(cfg, pickle.dumps(student_model), pickle.dumps(teacher_model), version)
 
-    def rollout_engine(self, version: int, device: str | torch.device = "cpu") -> ToyRolloutEngine:
-        """A streaming rollout engine on the student (weights of `version` until the first load)."""
+    def rollout_engine(self, device: str | torch.device = "cpu") -> ToyRolloutEngine:
+        """A streaming rollout engine on the student (weights of `self.version` until the first load)."""
         toy, task = self.cfg.toy, self.cfg.toy.task()
         return ToyRolloutEngine(pickle.loads(self.student_bytes), max_batch=toy.engine_slots,
                                 max_new_tokens=task.max_response_len, temperature=toy.temperature,
-                                eos_id=task.eos_id, seed=self.cfg.seed, version=version,
+                                eos_id=task.eos_id, seed=self.cfg.seed, version=self.version,
                                 capture_samples=cache_layout(self.cfg.objective)[1],
                                 kv_on_update=self.cfg.concurrent.kv_on_update, device=device)
 
     def teacher(self, device: str | torch.device = "cpu") -> ToyTeacher:
         return ToyTeacher(pickle.loads(self.teacher_bytes), batch_size=self.cfg.toy.batch_size, device=device)
+
+
+def concurrent_parts(cfg):
+    """(task, roles_of, learner, evaluate, model_info) of exec=concurrent: the learner and the evaluator in this
+    process; roles_of(learner) describes the workers' roles with the learner's current weights (a resumed
+    run's workers start on the checkpoint's)."""
+    toy = cfg.toy
+    task, teacher_model, student_model, model_info = build_models(toy)
+    learner = ToyLearner(student_model, cfg.objective, lr=toy.lr, pad_id=task.pad_id, weight_decay=toy.weight_decay,
+                         grad_clip=toy.grad_clip, vcpo_lr=toy.vcpo_lr)
+    evaluate = Evaluator(task, student_model, teacher_model, n_prompts=toy.eval_prompts, seed=cfg.seed, device="cpu")
+
+    def roles_of(learner_now) -> ToyRoles:
+        return ToyRoles.of(cfg, learner_now.model, teacher_model)
+    return task, roles_of, learner, evaluate, model_info
 
 
 def mixture_engine(task: SortTask, teacher_model, toy: ToyConfig, *, seed: int, capture_samples: int,

@@ -59,10 +59,8 @@ from asyncopd.rollout import scored_tokens
 from asyncopd.scheduler import Scheduler
 from backends.config import ConcurrentConfig   # torch-free, so a run checks it first; re-exported here
 from backends.engine_pump import RolloutPump, admit_round
-from backends.evaluate import Evaluator
 from backends.session import RunSession
-from backends.toy import ToyRoles, build_models
-from backends.toy_learner import ToyLearner
+from backends.toy import concurrent_parts as toy_concurrent_parts
 
 log = logging.getLogger(__name__)
 CRASH_ENV = "ASYNCOPD_TEST_CRASH_ROLLOUT_AFTER"   # test hook: rollout worker 0 raises after this many rollouts
@@ -120,12 +118,12 @@ def _flush(rec: trace.Recorder, events_q) -> None:
         rec.events = []
 
 
-def rollout_worker(i, cfg, roles, colocated, version, origin, req_q, weights_q, out_q, events_q, stop):
+def rollout_worker(i, cfg, roles, colocated, origin, req_q, weights_q, out_q, events_q, stop):
     """A rollout worker process: the rollout pump over this process's queues."""
     c = cfg.concurrent
     torch.set_num_threads(c.threads_per_role)
     topk, n_samples = cache_layout(cfg.objective)
-    engine = roles.rollout_engine(version)
+    engine = roles.rollout_engine()
     rec = trace.Recorder(time.monotonic, origin=origin)
     pump = RolloutPump(engine, rec, worker=i, in_flight_updates=c.weight_update == "in_flight",
                        teacher=roles.teacher() if colocated else None, topk=topk, n_samples=n_samples,
@@ -186,22 +184,24 @@ def teacher_worker(cfg, roles, origin, in_q, out_q, events_q, stop):
 
 # --- the learner: main process -------------------------------------------------------------------------------
 
-def run(cfg, out_dir: Path) -> pd.DataFrame:
-    """One concurrent run; `cfg` is a backends.run.RunConfig with exec=concurrent. Returns the metrics table."""
-    toy, c = cfg.toy, cfg.concurrent
+def run(cfg, out_dir: Path, parts=None) -> pd.DataFrame:
+    """One concurrent run; `cfg` is a backends.run.RunConfig with exec=concurrent. Returns the metrics table.
+    `parts(cfg)` gives (task, roles_of, learner, evaluate, model_info): the toy backend's by default, vLLM +
+    FSDP2 with backends.vllm_fsdp.parts.concurrent_parts."""
+    c = cfg.concurrent
     torch.set_num_threads(c.threads_per_role)
-    task, teacher_model, student_model, model_info = build_models(toy)
-    learner = ToyLearner(student_model, cfg.objective, lr=toy.lr, pad_id=task.pad_id, weight_decay=toy.weight_decay,
-                         grad_clip=toy.grad_clip, vcpo_lr=toy.vcpo_lr)
-    evaluate = Evaluator(task, student_model, teacher_model, n_prompts=toy.eval_prompts, seed=cfg.seed, device="cpu")
+    task, roles_of, learner, evaluate, model_info = (parts or toy_concurrent_parts)(cfg)
     with RunSession(cfg, out_dir, mode="concurrent", task=task) as session:
         resumed = session.resume(learner.resume_checkpoint)
         driver = session.driver(Scheduler(cfg.scheduler, version=session.start), resumed and resumed["state"])
         if not resumed:
             session.first_row(evaluate(learner.model, learner.state_dict(), 0))
-        workers = Workers(cfg, session, learner.model, teacher_model)
+        roles = roles_of(learner)
+        workers = Workers(cfg, session, roles)
         try:
             workers.start()
+            if roles.version < session.start:             # engines on older weights: the checkpoint's first
+                workers.publish(session.start, learner.state_dict())
             train(cfg, session, driver, workers, learner, evaluate)
         except KeyboardInterrupt:
             log.warning("interrupted at version %d: stopping the workers; the last checkpoint is %s",
@@ -209,8 +209,8 @@ def run(cfg, out_dir: Path) -> pd.DataFrame:
             raise
         finally:
             workers.shutdown()
-        info = {"engine_slots": toy.engine_slots, "placement": c.placement, "rollout_workers": c.rollout_workers,
-                "weight_update": c.weight_update, "kv_on_update": c.kv_on_update, "on_stale": c.on_stale,
+        info = {"backend": cfg.backend, "engine_slots": cfg.toy.engine_slots, "placement": c.placement,
+                "rollout_workers": c.rollout_workers, "weight_update": c.weight_update, "kv_on_update": c.kv_on_update, "on_stale": c.on_stale,
                 "threads_per_role": c.threads_per_role}
         return session.finish(driver, info, model_info)
 
@@ -260,7 +260,7 @@ def train(cfg, session: RunSession, driver: Driver, workers: Workers, learner: L
 class Workers:
     """The child processes (spawn context) and the queues that join them to the learner."""
 
-    def __init__(self, cfg, session: RunSession, student_model, teacher_model):
+    def __init__(self, cfg, session: RunSession, roles):
         c, B = cfg.concurrent, cfg.toy.batch_size
         self.session, self.timeout_s = session, c.join_timeout_s
         ctx = mp.get_context("spawn")
@@ -272,14 +272,13 @@ class Workers:
         self.req_qs = [ctx.Queue(maxsize=(cfg.scheduler.eta + 1) * B + 1) for _ in range(c.rollout_workers)]
         self.weights_qs = [ctx.Queue() for _ in range(c.rollout_workers)]   # drained by the workers every tick
         self.queues = [q for q in (self.events_q, self.scored_q, traj_q, *self.req_qs, *self.weights_qs) if q]
-        roles = ToyRoles.of(cfg, student_model, teacher_model)
-        origin, start = session.rec.origin, session.start
+        origin = session.rec.origin
         self.procs: dict[str, mp.Process] = {}
         for i in range(c.rollout_workers):
             name = f"rollout worker {i}"
             self.procs[name] = ctx.Process(
                 target=_child, name=f"asyncopd-rollout-{i}", daemon=True,
-                args=(name, rollout_worker, self.events_q, self.stop, i, cfg, roles, colocated, start, origin,
+                args=(name, rollout_worker, self.events_q, self.stop, i, cfg, roles, colocated, origin,
                       self.req_qs[i], self.weights_qs[i],
                       self.scored_q if colocated else traj_q, self.events_q, self.stop))
         if not colocated:

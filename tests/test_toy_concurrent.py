@@ -123,10 +123,12 @@ import types
 import torch
 
 from backends.run import RunConfig
+from backends.toy import ToyRoles
 from backends.toy_concurrent import Workers
 cfg = RunConfig(exec="concurrent", staleness="1")
 session = types.SimpleNamespace(rec=types.SimpleNamespace(origin=0.0), start=0)
-workers = Workers(cfg, session, torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))   # never started: no reader
+roles = ToyRoles.of(cfg, torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+workers = Workers(cfg, session, roles)                  # never started: no reader
 workers.publish(1, {"w": torch.zeros(1_000_000)})       # 4 MB into a pipe nobody drains
 workers.shutdown()                                      # without it, this interpreter never exits
 """

@@ -78,8 +78,9 @@ def test_vllm_fsdp_config_refuses_what_vllm_rollouts_cannot_do(model_cache, tmp_
                    objective=ObjectiveConfig(estimator="reverse_kl_mc"))
     with pytest.raises(ValueError, match="extra draws per position"):
         lockstep_parts(mc, build_engine=fake_engine)
-    with pytest.raises(ValueError, match="exec=lockstep"):
-        RunConfig(backend="vllm_fsdp", exec="concurrent", staleness="1")
+    with pytest.raises(ValueError, match="exec=ray runs the toy engines only"):
+        RunConfig(backend="vllm_fsdp", exec="ray", staleness="1")
+    assert RunConfig(backend="vllm_fsdp", exec="concurrent", staleness="1").exec == "concurrent"
     with pytest.raises(ValueError, match="teacher_path.*config.json"):
         RealConfig(teacher_path=str(tmp_path))
     with pytest.raises(ValueError, match="rollout_gpu_memory \\+ teacher_gpu_memory must be < 1"):

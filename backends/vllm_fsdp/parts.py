@@ -1,10 +1,12 @@
 """backend=vllm_fsdp: the roles of a run on real engines: vLLM rollouts and teacher, the FSDP2 learner.
 
-The one idea: the run loops do not change. `backends/toy.py` (lockstep) asks for its parts (task, rollout
-engine, teacher, learner, evaluator); with `backend=vllm_fsdp` they come from here: a `VLLMRolloutEngine` on the
-student folder, a `VLLMTeacher` on the teacher folder, an `FSDPLearner` (bf16 compute on fp32 master weights,
-lm head chunked over tokens) on the student, in a process group of its own (world size 1; NCCL on a GPU, gloo on
-a CPU). The scheduler, estimators, metrics, trace and checkpoints are the toy backend's.
+The one idea: the run loops do not change. The lockstep loop (backends/lockstep.py) asks for its parts (task,
+rollout engine, teacher, learner, evaluator) and the concurrent run (backends/toy_concurrent.py) for its
+learner side and the roles its worker processes build their engines from (`VLLMRoles`); with
+`backend=vllm_fsdp` they come from here: a `VLLMRolloutEngine` on the student folder, a `VLLMTeacher` on the
+teacher folder, an `FSDPLearner` (bf16 compute on fp32 master weights, lm head chunked over tokens) on the
+student, in a process group of its own (world size 1; NCCL on a GPU, gloo on a CPU). The scheduler, estimators,
+metrics, trace and checkpoints are the same as the toy backend's.
 
 Models: local Hugging Face folders (`vllm_fsdp.student_path`, `vllm_fsdp.teacher_path`); empty paths export the
 toy pair of `toy` (backends/toy_export.py), so a run is self-contained. Nothing is downloaded
@@ -13,7 +15,8 @@ The prompts and the verifier are the sort task's, so the models must speak its t
 pair does); held-out evaluation runs the toy backend's `Evaluator` on an fp32 copy of the student (GPT-2
 models only).
 
-    python -m backends.run backend=vllm_fsdp staleness=fixed:1 steps=50 estimator=forward_kl_topk   # on a GPU
+    python -m backends.run backend=vllm_fsdp staleness=fixed:1 steps=50 estimator=forward_kl_topk
+    python -m backends.run backend=vllm_fsdp exec=concurrent staleness=1 steps=50    # vLLM in worker processes
 
 Not supported with vLLM rollouts: `reverse_kl_mc` (it needs extra draws per position at rollout time, which
 vLLM does not make) and `toy.mixture_frac > 0`.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -73,39 +77,83 @@ class _EvalCopy:
         return self.evaluator(self.model, weights, version)
 
 
-def lockstep_parts(cfg, *, build_engine=build_llm_engine):
-    """(task, engine, teacher, learner, evaluate, model_info) of a one-process run on vLLM + FSDP2.
-    `build_engine(VLLMConfig, logprobs_mode=) -> (engine, api)` is vLLM's by default (tests pass a fake)."""
-    toy, real, objective = cfg.toy, cfg.vllm_fsdp, cfg.objective
-    topk, n_samples = cache_layout(objective)
-    if n_samples:
+@dataclass
+class VLLMRoles:
+    """How a process builds the vLLM roles: the run's config and the two model folders (picklable, so the
+    concurrent run's worker processes build their own engines). Engines start on the folders' weights, version 0;
+    a resumed run publishes its learner's weights to them at once. `build_engine` is vLLM's unless a test
+    passes a stand-in."""
+
+    cfg: object                          # backends.run.RunConfig
+    student_path: Path
+    teacher_path: Path
+    build_engine: object = build_llm_engine
+    version: int = 0                     # the version of the folders' weights
+
+    def rollout_engine(self, device=None) -> VLLMRolloutEngine:
+        real, task, temperature = self.cfg.vllm_fsdp, self.cfg.toy.task(), self.cfg.toy.temperature
+        return VLLMRolloutEngine(
+            *self.build_engine(engine_config(real, self.student_path, real.rollout_gpu_memory, 0),
+                               logprobs_mode=logprobs_mode_for(temperature)),
+            max_new_tokens=task.max_response_len, temperature=temperature, eos_id=task.eos_id, seed=self.cfg.seed)
+
+    def teacher(self, device=None) -> VLLMTeacher:
+        real, (topk, _) = self.cfg.vllm_fsdp, cache_layout(self.cfg.objective)
+        return VLLMTeacher(*self.build_engine(engine_config(real, self.teacher_path, real.teacher_gpu_memory, topk),
+                                              logprobs_mode="raw_logprobs"), batch_size=self.cfg.toy.batch_size)
+
+
+def check_supported(cfg) -> None:
+    """What vLLM rollouts cannot do, refused before anything starts."""
+    objective = cfg.objective
+    if (n_samples := cache_layout(objective)[1]):
         raise ValueError(f"estimator {objective.estimator} needs {n_samples} extra draws per position at rollout "
                          "time, which vLLM rollouts do not make: use forward_kl_topk, reverse_kl_topk or "
                          "reverse_kl_sampled with backend=vllm_fsdp")
-    if toy.mixture_frac:
+    if cfg.toy.mixture_frac:
         raise ValueError("toy.mixture_frac > 0 (rollout mixture) is a toy-backend feature; set it to 0 with "
                          "backend=vllm_fsdp")
+
+
+def vllm_roles(cfg, build_engine=build_llm_engine) -> VLLMRoles:
+    """The run's vLLM roles (model folders: the configured ones, or the exported toy pair)."""
+    check_supported(cfg)
+    teacher_path, student_path = model_paths(cfg)
+    return VLLMRoles(cfg, student_path, teacher_path, build_engine)
+
+
+def learner_parts(cfg, roles: VLLMRoles):
+    """(task, learner, evaluate, model_info): the learner side of a vLLM + FSDP2 run, in this process."""
+    toy, real = cfg.toy, cfg.vllm_fsdp
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if toy.device == "auto" else toy.device)
     task = toy.task()
-    teacher_path, student_path = model_paths(cfg)
     load = dict(local_files_only=True, trust_remote_code=real.trust_remote_code, dtype=torch.float32)
-    student = AutoModelForCausalLM.from_pretrained(student_path, **load)
-    teacher_model = AutoModelForCausalLM.from_pretrained(teacher_path, **load).eval()
+    student = AutoModelForCausalLM.from_pretrained(roles.student_path, **load)
+    teacher_model = AutoModelForCausalLM.from_pretrained(roles.teacher_path, **load).eval()
     student_eval = copy.deepcopy(student).eval()           # the evaluator's own fp32 copy, never sharded
-
-    temperature = toy.temperature
-    engine = VLLMRolloutEngine(
-        *build_engine(engine_config(real, student_path, real.rollout_gpu_memory, 0),
-                      logprobs_mode=logprobs_mode_for(temperature)),
-        max_new_tokens=task.max_response_len, temperature=temperature, eos_id=task.eos_id, seed=cfg.seed)
-    teacher = VLLMTeacher(*build_engine(engine_config(real, teacher_path, real.teacher_gpu_memory, topk),
-                                        logprobs_mode="raw_logprobs"), batch_size=toy.batch_size)
-    init_single_process_group(device)
-    learner = FSDPLearner(student.to(device), objective, lr=toy.lr, pad_id=task.pad_id,
+    init_single_process_group(device)                      # unless vLLM started one here: the learner reuses it
+    learner = FSDPLearner(student.to(device), cfg.objective, lr=toy.lr, pad_id=task.pad_id,
                           mixed_precision=real.mixed_precision, head_chunk_tokens=real.head_chunk_tokens,
                           weight_decay=toy.weight_decay, grad_clip=toy.grad_clip, vcpo_lr=toy.vcpo_lr)
     evaluate = _EvalCopy(Evaluator(task, student_eval, teacher_model, n_prompts=toy.eval_prompts, seed=cfg.seed,
                                    device=device), student_eval.to(device))
-    info = {"teacher": {"path": str(teacher_path)}, "student": {"path": str(student_path)},
+    info = {"teacher": {"path": str(roles.teacher_path)}, "student": {"path": str(roles.student_path)},
             "device": str(device), "mixed_precision": real.mixed_precision}
+    return task, learner, evaluate, info
+
+
+def lockstep_parts(cfg, *, build_engine=build_llm_engine):
+    """(task, engine, teacher, learner, evaluate, model_info) of a one-process run on vLLM + FSDP2.
+    `build_engine(VLLMConfig, logprobs_mode=) -> (engine, api)` is vLLM's by default (tests pass a fake)."""
+    roles = vllm_roles(cfg, build_engine)
+    engine, teacher = roles.rollout_engine(), roles.teacher()   # before the learner, as vLLM sets up its group
+    task, learner, evaluate, info = learner_parts(cfg, roles)
     return task, engine, teacher, learner, evaluate, info
+
+
+def concurrent_parts(cfg):
+    """(task, roles_of, learner, evaluate, model_info) of exec=concurrent on vLLM + FSDP2: the worker processes
+    build their engines from the roles; the learner and the evaluator live in this process."""
+    roles = vllm_roles(cfg)
+    task, learner, evaluate, info = learner_parts(cfg, roles)
+    return task, lambda _learner: roles, learner, evaluate, info
