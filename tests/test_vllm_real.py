@@ -18,6 +18,7 @@ records them), the import boundary, `from_config` without vllm, and config valid
 """
 
 import gc
+from dataclasses import replace
 
 import pytest
 import torch
@@ -227,3 +228,32 @@ def test_head_size_and_max_model_len_are_checked_before_vllm_starts(folders, toy
         with pytest.raises(ValueError, match=r"head size 16 .*supports \[32, 64"):
             VLLMTeacher.from_config(config(tmp_path))
     assert len(vllm_engine._STARTED_ENGINES) == started
+
+
+def run_config(toy, **kw):
+    from asyncopd.config import ObjectiveConfig
+    from backends.run import RunConfig
+    from backends.vllm_fsdp.config import RealConfig
+    real = RealConfig(dtype="float32", mixed_precision="fp32", cpu_kv_cache_gib=1 / 16)
+    return RunConfig(backend="vllm_fsdp", toy=replace(toy, batch_size=8, engine_slots=8, eval_prompts=16,
+                                                      eval_every=2, ckpt_every=2, lr=3e-3, threads=1),
+                     objective=ObjectiveConfig("reverse_kl_sampled", signal="recompute", correction="tis"),
+                     vllm_fsdp=real, **kw)
+
+
+def test_concurrent_run_on_real_engines_trains_syncs_and_resumes(toy, folders, tmp_path):
+    """backend=vllm_fsdp exec=concurrent: the rollout and teacher workers each start their own vLLM engine from the
+    model folders; every learner step's weights reach the rollout engine (a weight_sync with the state's bytes);
+    staleness stays within η; a resumed run first publishes the checkpoint's weights to the fresh engine."""
+    from asyncopd import trace
+    from backends.run import run
+    m = run(run_config(toy, exec="concurrent", staleness="1", steps=2), tmp_path)
+    assert m.step.tolist() == [0, 1, 2] and (m[m.step > 0].staleness_max <= 1).all()
+    m = run(run_config(toy, exec="concurrent", staleness="1", steps=3, resume=True), tmp_path)
+    assert m.step.tolist() == [0, 1, 2, 3] and (m.health == "ok").all()
+    t = trace.read(tmp_path / "trace.csv")
+    syncs, steps = t[t.kind == "weight_sync"], t[t.kind == "learner_step"]
+    assert steps.version.tolist() == [1, 2, 3]
+    assert set(syncs.version) <= {1, 2, 3} and (syncs.bytes > 0).all()
+    step2_end = float(steps.t.iloc[1] + steps.dur_s.iloc[1])
+    assert ((syncs.version == 2) & (syncs.t > step2_end)).any()           # the resumed run's first publish
