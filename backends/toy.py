@@ -68,16 +68,16 @@ class ToyRoles:
 
 def concurrent_parts(cfg):
     """(task, roles_of, learner, evaluate, model_info) of exec=concurrent: the learner and the evaluator in this
-    process; roles_of(learner) describes the workers' roles with the learner's current weights (a resumed
-    run's workers start on the checkpoint's)."""
+    process; roles_of(learner, version) describes the workers' roles with the learner's current weights, which
+    are `version` (a resumed run's workers start on the checkpoint's)."""
     toy = cfg.toy
     task, teacher_model, student_model, model_info = build_models(toy)
     learner = ToyLearner(student_model, cfg.objective, lr=toy.lr, pad_id=task.pad_id, weight_decay=toy.weight_decay,
                          grad_clip=toy.grad_clip, vcpo_lr=toy.vcpo_lr)
     evaluate = Evaluator(task, student_model, teacher_model, n_prompts=toy.eval_prompts, seed=cfg.seed, device="cpu")
 
-    def roles_of(learner_now) -> ToyRoles:
-        return ToyRoles.of(cfg, learner_now.model, teacher_model)
+    def roles_of(learner_now, version: int) -> ToyRoles:
+        return ToyRoles.of(cfg, learner_now.model, teacher_model, version)
     return task, roles_of, learner, evaluate, model_info
 
 

@@ -186,8 +186,8 @@ def teacher_worker(cfg, roles, origin, in_q, out_q, events_q, stop):
 
 def run(cfg, out_dir: Path, parts=None) -> pd.DataFrame:
     """One concurrent run; `cfg` is a backends.run.RunConfig with exec=concurrent. Returns the metrics table.
-    `parts(cfg)` gives (task, roles_of, learner, evaluate, model_info): the toy backend's by default, vLLM +
-    FSDP2 with backends.vllm_fsdp.parts.concurrent_parts."""
+    `parts(cfg)` gives (task, roles_of(learner, version), learner, evaluate, model_info): the toy backend's by
+    default, vLLM + FSDP2 with backends.vllm_fsdp.parts.concurrent_parts."""
     c = cfg.concurrent
     torch.set_num_threads(c.threads_per_role)
     task, roles_of, learner, evaluate, model_info = (parts or toy_concurrent_parts)(cfg)
@@ -196,11 +196,12 @@ def run(cfg, out_dir: Path, parts=None) -> pd.DataFrame:
         driver = session.driver(Scheduler(cfg.scheduler, version=session.start), resumed and resumed["state"])
         if not resumed:
             session.first_row(evaluate(learner.model, learner.state_dict(), 0))
-        roles = roles_of(learner)
+        roles = roles_of(learner, session.start)
         workers = Workers(cfg, session, roles)
         try:
             workers.start()
-            if roles.version < session.start:             # engines on older weights: the checkpoint's first
+            if roles.version < session.start:             # engines on older weights (vLLM's folders): the
+                                                          # checkpoint's weights first
                 workers.publish(session.start, learner.state_dict())
             train(cfg, session, driver, workers, learner, evaluate)
         except KeyboardInterrupt:
@@ -210,8 +211,8 @@ def run(cfg, out_dir: Path, parts=None) -> pd.DataFrame:
         finally:
             workers.shutdown()
         info = {"backend": cfg.backend, "engine_slots": cfg.toy.engine_slots, "placement": c.placement,
-                "rollout_workers": c.rollout_workers, "weight_update": c.weight_update, "kv_on_update": c.kv_on_update, "on_stale": c.on_stale,
-                "threads_per_role": c.threads_per_role}
+                "rollout_workers": c.rollout_workers, "weight_update": c.weight_update, "kv_on_update": c.kv_on_update,
+                "on_stale": c.on_stale, "threads_per_role": c.threads_per_role}
         return session.finish(driver, info, model_info)
 
 

@@ -153,7 +153,8 @@ def lockstep_parts(cfg, *, build_engine=build_llm_engine):
 
 def concurrent_parts(cfg):
     """(task, roles_of, learner, evaluate, model_info) of exec=concurrent on vLLM + FSDP2: the worker processes
-    build their engines from the roles; the learner and the evaluator live in this process."""
+    build their engines from the roles (on the folders' weights, version 0, whatever the learner's are); the
+    learner and the evaluator live in this process."""
     roles = vllm_roles(cfg)
     task, learner, evaluate, info = learner_parts(cfg, roles)
-    return task, lambda _learner: roles, learner, evaluate, info
+    return task, lambda _learner, _version: roles, learner, evaluate, info
