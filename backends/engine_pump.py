@@ -32,6 +32,7 @@ from dataclasses import replace
 from asyncopd.protocols import StreamingEngine, Teacher
 from asyncopd.rollout import scored_tokens
 from asyncopd.trace import Recorder
+from backends.session import state_bytes
 
 
 class RolloutPump:
@@ -93,8 +94,7 @@ class RolloutPump:
         t0 = self.rec.now()
         self.engine.load_weights(state, version)
         if self.trace_loads:
-            nbytes = sum(t.numel() * t.element_size() for t in state.values())
-            self.rec.span("weight_sync", t0, worker=self.worker, version=version, bytes=nbytes)
+            self.rec.span("weight_sync", t0, worker=self.worker, version=version, bytes=state_bytes(state))
 
     def _flush(self, idle: bool) -> list[tuple[list, list | None]]:
         if not self.done or (self.teacher is not None and not idle and len(self.done) < self.score_group):

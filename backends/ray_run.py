@@ -51,7 +51,7 @@ import pandas as pd
 from asyncopd.scheduler import Scheduler
 from backends.config import RayConfig, check_fits   # torch-free, so a run checks them first; re-exported here
 from backends.engine_pump import admit_round
-from backends.session import RunSession
+from backends.session import RunSession, state_bytes
 from backends.toy import ToyRoles, build_models
 from backends.toy_concurrent import CRASH_ENV
 
@@ -171,7 +171,7 @@ def _drive(cfg, out_dir: Path, roles: Roles) -> pd.DataFrame:
             session.first_row(roles.get(roles.call("learner", "evaluate", 0)))
         loop.run()
         loop.wind_down()
-        weight_bytes = sum(v.numel() * v.element_size() for v in student_model.state_dict().values())
+        weight_bytes = state_bytes(student_model.state_dict())
         info = {"engine_slots": toy.engine_slots, "placement": c.placement, "rollout_workers": c.rollout_workers,
                 "weight_update": c.weight_update, "kv_on_update": c.kv_on_update, "on_stale": c.on_stale,
                 "threads_per_role": c.threads_per_role, "ray": {**asdict(rc), "nodes": nodes,
