@@ -49,7 +49,7 @@ class Driver:
     rec: Recorder
     next_uid: int = 0                                     # uid of the next admission (admission index)
     hist: Counter = field(default_factory=Counter)        # staleness -> trained trajectories
-    sums: dict = field(default_factory=lambda: {"in_flight": 0.0, "in_queue": 0.0, "n": 0})
+    sums: dict = field(default_factory=lambda: {"in_flight": 0.0, "in_queue": 0.0})   # Σ over trained trajectories
     base: dict = field(default_factory=lambda: {"n_trained": 0, "n_dropped": 0, "n_lost": 0})  # before a resume
 
     def admit(self, worker: int = 0) -> tuple[int, int] | None:
@@ -74,22 +74,21 @@ class Driver:
         """The learner trained `batch` from time t0 (to now, or for dur_s when it ran elsewhere): bump the
         version, write the learner_step event, count the batch's staleness. Returns (version, dropped uids)."""
         version = self.sched.on_learner_step()
+        parts = split(batch)
         cols = dict(worker=worker, version=version, n_seqs=len(batch), tokens=batch.n_tokens,
-                    staleness=sum(batch.staleness) / max(len(batch), 1))
+                    staleness=parts["staleness_mean"])
         if dur_s is None:
             self.rec.span("learner_step", t0, **cols)
         else:
             self.rec.append(Event(t=t0, dur_s=dur_s, kind="learner_step", **cols))
         self.hist.update(batch.staleness)
-        parts = split(batch)
         self.sums["in_flight"] += parts["staleness_in_flight"] * len(batch)
         self.sums["in_queue"] += parts["staleness_in_queue"] * len(batch)
-        self.sums["n"] += len(batch)
         return version, self._drops()
 
     def summary(self) -> dict:
         """Run totals: trained trajectories' staleness histogram and the mean of each part of the split."""
-        n = max(self.sums["n"], 1)
+        n = max(sum(self.hist.values()), 1)                # trained trajectories
         return {"staleness_hist": {int(k): int(self.hist[k]) for k in sorted(self.hist)},
                 "staleness_in_flight_mean": self.sums["in_flight"] / n,
                 "staleness_in_queue_mean": self.sums["in_queue"] / n}

@@ -64,7 +64,9 @@ def config_digest(cfg) -> str:
     """What a resumed run must share with the one it continues: everything but steps, resume, logger, the Ray
     placement (a run may move from a local instance to a cluster), how many checkpoints are kept, the health
     check's thresholds, and the vllm_fsdp keys of a toy run."""
-    skip = {"steps", "resume", "logger", "ray", "keep_checkpoints", "health"} | ({"vllm_fsdp"} if cfg.backend == "toy" else set())
+    skip = {"steps", "resume", "logger", "ray", "keep_checkpoints", "health"}
+    if cfg.backend == "toy":
+        skip.add("vllm_fsdp")
     keep = {k: v for k, v in asdict(cfg).items() if k not in skip}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -206,12 +208,11 @@ class RunSession:
         if cfg.on_collapse == "warn":
             log.warning("%s; going on (health.on_collapse=warn)", msg)
             return
-        df = pd.DataFrame(self.rows)
-        atomic_write(self.out_dir / "metrics.csv", lambda tmp: df.to_csv(tmp, index=False))
+        self._write_metrics()
         raise CollapseError(f"{msg}. Stopped (health.on_collapse=stop; set health.on_collapse=warn to go on)")
 
     def last_checkpoint(self) -> Path | None:
-        return checkpoint.latest(self.ckpt_root) if (self.ckpt_root / "latest").exists() else None
+        return checkpoint.latest(self.ckpt_root)
 
     def diverged(self, err: BaseException, version: int) -> RuntimeError:
         """The error a loop raises when the learner's step at `version` was not finite."""
@@ -225,11 +226,14 @@ class RunSession:
     def write_tables(self, driver: Driver) -> None:
         """metrics.csv, trace.csv (in time order) and staleness_hist.csv as they stand."""
         self.rec.events.sort(key=lambda e: e.t)           # workers' events arrive late; stable for in-order ones
-        df = pd.DataFrame(self.rows)
-        atomic_write(self.out_dir / "metrics.csv", lambda tmp: df.to_csv(tmp, index=False))
+        self._write_metrics()
         trace.write(self.rec.events, self.out_dir / "trace.csv")
         hist = trace.staleness_hist(driver.hist)
         atomic_write(self.out_dir / "staleness_hist.csv", lambda tmp: hist.to_csv(tmp, index=False))
+
+    def _write_metrics(self) -> None:
+        df = pd.DataFrame(self.rows)
+        atomic_write(self.out_dir / "metrics.csv", lambda tmp: df.to_csv(tmp, index=False))
 
     def checkpoint(self, version: int, driver: Driver, store, *, ring: dict | None = None,
                    state: dict | None = None, extra: dict[str, bytes] | None = None) -> None:
