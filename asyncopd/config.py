@@ -68,8 +68,9 @@ class ObjectiveConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"ObjectiveConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name, ok, rule in (("topk", self.topk >= 1, ">= 1"), ("is_cap", self.is_cap > 1, "> 1"),
-                               ("clip_eps", 0 < self.clip_eps < 1, "in (0, 1)"), ("m2po_tau", self.m2po_tau > 0, "> 0"),
-                               ("n_samples", self.n_samples >= 1, ">= 1"), ("ref_kl_coef", self.ref_kl_coef >= 0, ">= 0"),
+                               ("clip_eps", 0 < self.clip_eps < 1, "in (0, 1)"),
+                               ("m2po_tau", self.m2po_tau > 0, "> 0"), ("n_samples", self.n_samples >= 1, ">= 1"),
+                               ("ref_kl_coef", self.ref_kl_coef >= 0, ">= 0"),
                                ("chunk_size", self.chunk_size >= 1, ">= 1")):
             if not ok:
                 raise ValueError(f"ObjectiveConfig.{name} must be {rule}, got {getattr(self, name)!r}")

@@ -47,8 +47,8 @@ class HealthConfig:
             raise ValueError(f"health.on_collapse must be one of {ON_COLLAPSE}, got {self.on_collapse!r}")
         if not isinstance(self.patience, int) or self.patience < 1:
             raise ValueError(f"health.patience must be an int >= 1, got {self.patience!r}")
-        for name, lo, hi in (("accuracy_frac", 0, 1), ("min_accuracy_drop", 0, 1), ("kl_factor", 1, math.inf), ("length_frac", 0, 1),
-                             ("max_truncation", 0, 1), ("max_repetition", 0, 1)):
+        for name, lo, hi in (("accuracy_frac", 0, 1), ("min_accuracy_drop", 0, 1), ("kl_factor", 1, math.inf),
+                             ("length_frac", 0, 1), ("max_truncation", 0, 1), ("max_repetition", 0, 1)):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and not math.isnan(v) and lo <= v <= hi):
                 raise ValueError(f"health.{name} must be in [{lo}, {hi}], got {v!r}")

@@ -21,10 +21,10 @@ next (collectives must not interleave); that sync is one training step old by th
 
 Placement and policies come from `concurrent.*` (rollout_workers = rollout actors, placement, weight_update,
 kv_on_update, on_stale, threads_per_role), so the same config runs on one machine without Ray as
-exec=concurrent; `ray.*` (RayConfig, backends/config.py) adds the address and each role's Ray resource request. Outputs are the concurrent
-run's: metrics.csv, trace.csv + trace.json, staleness_hist.csv, run_info.json (plus each actor's node),
-checkpoint/ (written by the learner actor; `resume=true` continues). Trace times are `time.time()` from the
-moment the actors are up, so machines line up as well as their clocks do.
+exec=concurrent; `ray.*` (RayConfig, backends/config.py) adds the address and each role's Ray resource
+request. Outputs are the concurrent run's: metrics.csv, trace.csv + trace.json, staleness_hist.csv,
+run_info.json (plus each actor's node), checkpoint/ (written by the learner actor; `resume=true` continues).
+Trace times are `time.time()` from the moment the actors are up, so machines line up as well as their clocks do.
 
     python -m backends.run exec=ray staleness=2 steps=50                   # a local Ray instance (ray.num_cpus)
     ray start --head --num-cpus=8 && python -m backends.run exec=ray ray.address=auto staleness=2 \\

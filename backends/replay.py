@@ -159,7 +159,8 @@ def run(cfg, out_dir: Path) -> pd.DataFrame:
             replay = Replay(cfg, session, doc, engine, teacher, learner, evaluate, {0: learner.state_dict()}, {},
                             session.driver(Scheduler(doc["scheduler"])))
             session.first_row(evaluate(learner.model, replay.ring[0], 0))
-        with tqdm(total=cfg.steps, initial=session.start, desc=f"{cfg.objective.name} {Path(cfg.schedule_file).name}") as bar:
+        desc = f"{cfg.objective.name} {Path(cfg.schedule_file).name}"
+        with tqdm(total=cfg.steps, initial=session.start, desc=desc) as bar:
             while replay.driver.sched.version < cfg.steps:
                 if replay.next_op():
                     bar.update(1)

@@ -21,9 +21,10 @@ produced it. Every process calls `torch.set_num_threads(threads_per_role)` so th
 
 The scheduler is driven through `asyncopd.driver.Driver`, the files are the run session's (backends/session.py:
 metrics.csv, trace.csv + trace.json, staleness_hist.csv, run_info.json with the placement and the final
-scheduler counts, checkpoint/), and each rollout worker's body is the rollout pump (backends/engine_pump.py). Trace times are `time.monotonic()`
-(one clock for all processes on Linux) from a shared origin; rollout workers add `decode_iter` events, and a
-rollout span starts when the worker queues the request in its engine (queueing for a slot included).
+scheduler counts, checkpoint/), and each rollout worker's body is the rollout pump (backends/engine_pump.py).
+Trace times are `time.monotonic()` (one clock for all processes on Linux) from a shared origin; rollout workers
+add `decode_iter` events, and a rollout span starts when the worker queues the request in its engine (queueing
+for a slot included).
 Shutdown: Ctrl-C, a worker's exception or its death ends the run with the failing worker named. The children
 are told to stop and are joined while their last events are drained; every queue this process wrote to is
 released without waiting for its unread data (a dead reader must not hold the exit), and a child still alive
