@@ -38,7 +38,8 @@ class ToyConfig:
     student_layers: int = 2              # 2 x 64 ≈ 0.1M parameters
     student_width: int = 64
     student_warmup_steps: int = STUDENT_SFT["steps"]    # SFT warm-up: the student starts clearly below the teacher
-    n_head: int = 4                      # attention heads of both models
+    head_dim: int = 32                   # attention head size of both models; each model has width / head_dim
+                                         # heads; vLLM's CPU attention needs >= 32
     sft_lr: float = TEACHER_SFT["lr"]                   # learning rate of both SFT runs
     sft_batch_size: int = TEACHER_SFT["batch_size"]
     model_seed: int = 0                  # init + SFT seed: every run of a study shares the same models
@@ -72,6 +73,7 @@ class ToyConfig:
                 ("eval_prompts", self.eval_prompts >= 1, ">= 1"), ("ckpt_every", self.ckpt_every >= 1, ">= 1"),
                 ("threads", self.threads >= 0, ">= 0"), ("teacher_steps", self.teacher_steps >= 1, ">= 1"),
                 ("student_warmup_steps", self.student_warmup_steps >= 0, ">= 0"), ("sft_lr", self.sft_lr > 0, "> 0"),
+                ("head_dim", self.head_dim >= 1, ">= 1"),
                 ("mixture_frac", 0 <= self.mixture_frac < 1, "in [0, 1)")):
             if not ok:
                 raise ValueError(f"toy.{name} must be {rule}, got {getattr(self, name)!r}")
@@ -82,8 +84,8 @@ class ToyConfig:
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"toy.device must be auto, cpu, cuda or cuda:<i>, got {self.device!r}")
         for name in ("teacher_width", "student_width"):
-            if getattr(self, name) % self.n_head:
-                raise ValueError(f"toy.n_head={self.n_head} must divide toy.{name}={getattr(self, name)}")
+            if getattr(self, name) % self.head_dim:
+                raise ValueError(f"toy.head_dim={self.head_dim} must divide toy.{name}={getattr(self, name)}")
 
     @property
     def n_mixture(self) -> int:

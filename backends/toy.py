@@ -30,10 +30,11 @@ def build_models(toy: ToyConfig):
     task = toy.task()
     positions = max(64, task.max_seq_len)
     teacher, t_info = load_or_train_teacher(
-        task, ModelSpec(toy.teacher_layers, toy.teacher_width, toy.n_head, positions), steps=toy.teacher_steps,
-        seed=toy.model_seed, lr=toy.sft_lr, batch_size=toy.sft_batch_size, cache_dir=toy.cache_dir)
+        task, ModelSpec(toy.teacher_layers, toy.teacher_width, toy.teacher_width // toy.head_dim, positions),
+        steps=toy.teacher_steps, seed=toy.model_seed, lr=toy.sft_lr, batch_size=toy.sft_batch_size,
+        cache_dir=toy.cache_dir)
     student, s_info = load_or_warmup_student(
-        task, ModelSpec(toy.student_layers, toy.student_width, toy.n_head, positions),
+        task, ModelSpec(toy.student_layers, toy.student_width, toy.student_width // toy.head_dim, positions),
         steps=toy.student_warmup_steps, seed=toy.model_seed, lr=toy.sft_lr, batch_size=toy.sft_batch_size,
         cache_dir=toy.cache_dir)
     return task, teacher, student, {"teacher": t_info, "student": s_info}

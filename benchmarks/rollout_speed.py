@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backends.toy_engine import ToyRolloutEngine  # noqa: E402
 
 PAD, BOS, SEP, EOS, VOCAB = 16, 17, 18, 19, 20
-MODELS = {"student": dict(n_layer=2, n_embd=64, n_head=4), "teacher": dict(n_layer=4, n_embd=128, n_head=4)}
+MODELS = {"student": dict(n_layer=2, n_embd=64, n_head=2), "teacher": dict(n_layer=4, n_embd=128, n_head=4)}
 
 
 def build_model(name: str) -> GPT2LMHeadModel:

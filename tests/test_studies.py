@@ -145,7 +145,7 @@ def test_sim_vs_real_smoke(tmp_path):
     the calibration config's own prediction is sane, and the synchronous config's staleness is exactly 0 on both."""
     out = tmp_path / "out"
     tiny = ["toy.n_symbols=4", "toy.max_len=4", "toy.teacher_layers=1", "toy.teacher_width=32", "toy.teacher_steps=60",
-            "toy.student_layers=1", "toy.student_width=16", "toy.student_warmup_steps=5", "toy.n_head=2",
+            "toy.student_layers=1", "toy.student_width=16", "toy.student_warmup_steps=5", "toy.head_dim=8",
             "toy.sft_batch_size=32", "toy.engine_slots=16"]
     cmd = [sys.executable, "-m", "studies.sim_vs_real", "steps=12", "warmup=2", "sim_seeds=1",
            "calibration={name: cal, eta: 1, batch_size: 8, rollout_workers: 1, length_power: 1.3}",

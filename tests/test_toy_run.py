@@ -18,8 +18,8 @@ from backends.session import WALL_CLOCK_COLUMNS
 from backends.toy import ToyConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(n_symbols=4, max_len=4, teacher_layers=1, teacher_width=32, student_layers=1, student_width=16, n_head=2,
-            teacher_steps=40, student_warmup_steps=5, sft_batch_size=32, batch_size=8, eval_prompts=32,
+TINY = dict(n_symbols=4, max_len=4, teacher_layers=1, teacher_width=32, student_layers=1, student_width=16,
+            head_dim=8, teacher_steps=40, student_warmup_steps=5, sft_batch_size=32, batch_size=8, eval_prompts=32,
             eval_every=2, ckpt_every=1, lr=3e-3, threads=1)
 
 
@@ -117,6 +117,8 @@ def test_divergence_stops_with_message_and_keeps_last_checkpoint(model_cache, tm
 @pytest.mark.parametrize("override, field", [
     ("objective.estimator=no_such_estimator", "estimator"), ("staleness=fixed:-1", "staleness"),
     ("steps=0", "steps"), ("toy.lr=0", "lr"), ("exec=async", "exec"), ("toy.batch_size=0", "batch_size"),
+    ("toy.head_dim=0", "head_dim"), ("toy.head_dim=48", "toy.head_dim=48 must divide toy.teacher_width=128"),
+    ("toy.head_dim=128", "toy.head_dim=128 must divide toy.student_width=64"),
 ])
 def test_invalid_settings_rejected_naming_field(override, field):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

@@ -21,7 +21,7 @@ from backends.vllm_fsdp.parts import lockstep_parts
 from fake_vllm import FakeLLMEngine
 
 SMOKE = dict(n_symbols=4, max_len=4, teacher_layers=1, teacher_width=32, teacher_steps=60, student_layers=1,
-             student_width=16, student_warmup_steps=5, n_head=2, sft_batch_size=32, batch_size=8, eval_every=2,
+             student_width=16, student_warmup_steps=5, head_dim=8, sft_batch_size=32, batch_size=8, eval_every=2,
              eval_prompts=32, ckpt_every=1, lr=3e-3, device="cpu")
 built: list[tuple[str, str]] = []                     # (model folder, logprobs_mode) of every engine built
 

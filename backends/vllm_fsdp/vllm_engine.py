@@ -161,8 +161,8 @@ def check_model(cfg: VLLMConfig, hf_config, *, cpu_head_sizes: Sequence[int] | N
             raise ValueError(f"the model in {cfg.model_path} has head size {head_dim} (hidden size "
                              f"{text.hidden_size} / {text.num_attention_heads} heads); vLLM's CPU attention "
                              f"supports {sorted(cpu_head_sizes)}: choose a width and head count whose ratio is one "
-                             f"of these (the toy pair: toy.student_width / toy.n_head and toy.teacher_width / "
-                             f"toy.n_head)")
+                             f"of these (the toy pair: set toy.head_dim to one of these, dividing toy.student_width "
+                             f"and toy.teacher_width)")
 
 
 def build_llm_engine(cfg: VLLMConfig, *, logprobs_mode: str):
