@@ -5,15 +5,21 @@ driver owns the scheduler and the trace; an actor returns what it did as `trace.
 stamped with the absolute `time.time()` (one clock across machines, as far as NTP keeps them), which the driver
 shifts to its origin.
 
-- `LearnerActor`: ToyLearner + Evaluator; trains one batch per call, checkpoints, and is rank 0 (the source) of
-  the gloo group that carries weights to the rollout actors.
-- `RolloutActor`: the rollout pump (backends/engine_pump.py) on a ToyRolloutEngine, run continuously by a
-  background thread (continuous batching), fed by `submit` and drained by `collect`, which blocks until
-  trajectories are finished (scored here when the teacher is colocated). `receive` joins a weight broadcast in
-  its own thread while the engine keeps decoding and hands the weights to the pump, which loads them between
-  decode steps (`weight_update=in_flight`) or once the engine has drained (`between_rollouts`). Ray runs it as a threaded
-  actor (max_concurrency = 3: one blocked `collect`, one `receive`, one short call).
-- `TeacherActor`: a ToyTeacher scoring whatever the driver sends.
+- `LearnerActor`: the learner and its evaluator (ToyLearner, or FSDPLearner with `backend=vllm_fsdp`); trains
+  one batch per call, checkpoints, and is rank 0 (the source) of the gloo group that carries weights to the
+  rollout actors.
+- `RolloutActor`: the rollout pump (backends/engine_pump.py) on a streaming engine (ToyRolloutEngine or
+  VLLMRolloutEngine), run continuously by a background thread (continuous batching), fed by `submit` and
+  drained by `collect`, which blocks until trajectories are finished (scored here when the teacher is
+  colocated). `receive` joins a weight broadcast in its own thread while the engine keeps decoding and hands
+  the weights to the pump, which loads them between decode steps (`weight_update=in_flight`) or once the engine
+  has drained (`between_rollouts`). Ray runs it as a threaded actor (max_concurrency = 3: one blocked
+  `collect`, one `receive`, one short call).
+- `TeacherActor`: a ToyTeacher (or VLLMTeacher) scoring whatever the driver sends.
+
+Every actor builds its role from the run's roles object (`ToyRoles` or `VLLMRoles`: `rollout_engine`, `teacher`,
+`learner_side`). The weight-sync group is a `SyncGroup` (backends/weight_sync.py), outside torch.distributed's
+default group, which vLLM (one rank per engine process) and the FSDP2 learner (its own group) already use.
 
 A role whose Ray request has GPUs runs its model on CUDA (Ray sets CUDA_VISIBLE_DEVICES); weights still travel
 over gloo through CPU buffers.
@@ -21,24 +27,20 @@ over gloo through CPU buffers.
 
 from __future__ import annotations
 
-import pickle
 import socket
 import threading
 import time
 import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from asyncopd import trace
 from asyncopd.objective import cache_layout
 from asyncopd.rollout import scored_tokens
-from backends.evaluate import Evaluator
 from backends.engine_pump import RolloutPump
-from backends.toy_learner import ToyLearner
-from backends.weight_sync import broadcast_state_dict
+from backends.session import state_bytes
+from backends.weight_sync import SyncGroup, broadcast_state_dict
 
 POLL_S = 0.005                 # idle wait of the engine thread
 SYNC_TIMEOUT_S = 300           # gloo: a collective that waits this long for a peer fails
@@ -56,26 +58,23 @@ def node_ip() -> str:
 class _Role:
     """What every actor answers: where it runs, and joining the weight-sync group."""
 
+    group: SyncGroup | None = None
+
     def where(self) -> str:
         return node_ip()
 
     def join_group(self, init_method: str, rank: int, world: int) -> None:
-        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
-                                timeout=timedelta(seconds=SYNC_TIMEOUT_S))
+        self.group = SyncGroup(init_method, rank, world, timeout_s=SYNC_TIMEOUT_S)
 
 
 class LearnerActor(_Role):
     def __init__(self, cfg, roles):
-        toy = cfg.toy
         torch.set_num_threads(cfg.concurrent.threads_per_role)
-        device = _device(cfg.ray.learner_gpus)
-        task = toy.task()
-        student = pickle.loads(roles.student_bytes).to(device)
-        teacher = pickle.loads(roles.teacher_bytes).to(device)
-        self.learner = ToyLearner(student, cfg.objective, lr=toy.lr, pad_id=task.pad_id,
-                                  weight_decay=toy.weight_decay, grad_clip=toy.grad_clip, vcpo_lr=toy.vcpo_lr)
-        self.evaluate_fn = Evaluator(task, student, teacher, n_prompts=toy.eval_prompts, seed=cfg.seed, device=device)
+        self.learner, self.evaluate_fn = roles.learner_side(_device(cfg.ray.learner_gpus))
         self.bucket_bytes = cfg.ray.sync_bucket_bytes
+
+    def weight_bytes(self) -> int:
+        return state_bytes(self.learner.state_dict())
 
     def rendezvous(self, port: int) -> str:
         """tcp://<this node>:<port> for the weight-sync group; port 0 = a free port here (rank 0 listens)."""
@@ -92,7 +91,7 @@ class LearnerActor(_Role):
 
     def publish(self) -> None:
         """Rank 0 of the weight broadcast (the receivers record it)."""
-        broadcast_state_dict(self.learner.state_dict(), src=0, bucket_bytes=self.bucket_bytes)
+        broadcast_state_dict(self.learner.state_dict(), src=0, group=self.group, bucket_bytes=self.bucket_bytes)
 
     def train(self, batch, scores) -> tuple[dict | None, str | None, trace.Event]:
         """(metrics, None, the step's span), or (None, the error, span) when the step was not finite (the
@@ -159,7 +158,7 @@ class RolloutActor(_Role):
         loads before the engine thread starts, later ones are handed to it. Returns the weight_sync event
         (bytes, broadcast seconds)."""
         t0 = self.rec.now()
-        state, stats = broadcast_state_dict(None, src=0, bucket_bytes=self.bucket_bytes)
+        state, stats = broadcast_state_dict(None, src=0, group=self.group, bucket_bytes=self.bucket_bytes)
         event = trace.Event(t=t0, dur_s=stats.seconds, kind="weight_sync", worker=self.i, version=version,
                             bytes=stats.bytes)
         if self.thread is None:

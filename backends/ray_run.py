@@ -51,8 +51,8 @@ import pandas as pd
 from asyncopd.scheduler import Scheduler
 from backends.config import RayConfig, check_fits   # torch-free, so a run checks them first; re-exported here
 from backends.engine_pump import admit_round
-from backends.session import RunSession, state_bytes
-from backends.toy import ToyRoles, build_models
+from backends.session import RunSession
+from backends.toy import ray_parts
 from backends.toy_concurrent import CRASH_ENV
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,10 @@ WAIT_S = 1.0                    # longest ray.wait before the loop looks again
 
 # --- the driver --------------------------------------------------------------------------------------------
 
-def run(cfg, out_dir: Path) -> pd.DataFrame:
-    """One Ray run; `cfg` is a backends.run.RunConfig with exec=ray (and a `ray: RayConfig`). Returns the metrics."""
+def run(cfg, out_dir: Path, parts=None) -> pd.DataFrame:
+    """One Ray run; `cfg` is a backends.run.RunConfig with exec=ray (and a `ray: RayConfig`). Returns the metrics.
+    `parts(cfg)` gives (task, roles, model_info): the toy backend's by default (backends.toy.ray_parts), vLLM +
+    FSDP2 with backends.vllm_fsdp.parts.ray_parts."""
     import ray
 
     rc = cfg.ray
@@ -75,7 +77,7 @@ def run(cfg, out_dir: Path) -> pd.DataFrame:
             ray.init(address=rc.address)
     roles = Roles(ray)
     try:
-        return _drive(cfg, out_dir, roles)
+        return _drive(cfg, out_dir, roles, parts or ray_parts)
     finally:
         roles.kill()
         if started_ray:
@@ -130,14 +132,14 @@ class Roles:
             self.ray.kill(handle)
 
 
-def start_actors(cfg, roles: Roles, student_model, teacher_model) -> list[str]:
-    """Learner (rank 0 of the weight-sync group), rollout actors (ranks 1..n) and the teacher, side by side.
-    Returns the rollout actors' names."""
+def start_actors(cfg, roles: Roles, run_roles) -> list[str]:
+    """Learner (rank 0 of the weight-sync group), rollout actors (ranks 1..n) and the teacher, side by side, each
+    building its part from `run_roles` (ToyRoles or VLLMRoles). Returns the rollout actors' names."""
     from backends import ray_actors
 
     ray, c, rc = roles.ray, cfg.concurrent, cfg.ray
     colocated = c.placement == "colocate_teacher_with_rollout"
-    roles_ref = ray.put(ToyRoles.of(cfg, student_model, teacher_model))
+    roles_ref = ray.put(run_roles)
     roles.actors["learner"] = ray.remote(ray_actors.LearnerActor).options(
         num_cpus=rc.learner_cpus, num_gpus=rc.learner_gpus).remote(cfg, roles_ref)
     names = [f"rollout actor {i}" for i in range(c.rollout_workers)]
@@ -152,11 +154,11 @@ def start_actors(cfg, roles: Roles, student_model, teacher_model) -> list[str]:
     return names
 
 
-def _drive(cfg, out_dir: Path, roles: Roles) -> pd.DataFrame:
+def _drive(cfg, out_dir: Path, roles: Roles, parts) -> pd.DataFrame:
     toy, c, rc = cfg.toy, cfg.concurrent, cfg.ray
-    task, teacher_model, student_model, model_info = build_models(toy)
+    task, run_roles, model_info = parts(cfg)
     with RunSession(cfg, out_dir, mode="ray", task=task, clock=time.time) as session:
-        rollout_names = start_actors(cfg, roles, student_model, teacher_model)
+        rollout_names = start_actors(cfg, roles, run_roles)
         resumed = session.resume(lambda root, digest: roles.get(roles.call("learner", "resume", str(root), digest)))
         nodes = dict(zip(roles.actors, roles.get([roles.call(name, "where") for name in roles.actors])))
         init = roles.get(roles.call("learner", "rendezvous", rc.sync_port))
@@ -171,7 +173,7 @@ def _drive(cfg, out_dir: Path, roles: Roles) -> pd.DataFrame:
             session.first_row(roles.get(roles.call("learner", "evaluate", 0)))
         loop.run()
         loop.wind_down()
-        weight_bytes = state_bytes(student_model.state_dict())
+        weight_bytes = roles.get(roles.call("learner", "weight_bytes"))
         info = {"engine_slots": toy.engine_slots, "placement": c.placement, "rollout_workers": c.rollout_workers,
                 "weight_update": c.weight_update, "kv_on_update": c.kv_on_update, "on_stale": c.on_stale,
                 "threads_per_role": c.threads_per_role, "ray": {**asdict(rc), "nodes": nodes,

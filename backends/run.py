@@ -7,6 +7,7 @@
     python -m backends.run exec=ray ray.address=auto staleness=2 steps=50 # ... on a running Ray cluster
     python -m backends.run backend=vllm_fsdp staleness=fixed:1 steps=50   # vLLM + FSDP2 on one GPU (or the CPU)
     python -m backends.run backend=vllm_fsdp exec=concurrent staleness=1 steps=50   # vLLM engines in workers
+    python -m backends.run backend=vllm_fsdp exec=ray staleness=1 steps=50          # vLLM engines in Ray actors
     python -m backends.run ... resume=true            # continue the run in hydra.run.dir from its last checkpoint
     python -m backends.run --multirun estimator=forward_kl_topk,reverse_kl_stale staleness=fixed:0,fixed:4
 
@@ -73,15 +74,15 @@ class RunConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.backend == "vllm_fsdp" and self.schedule_file is not None:
+            raise ValueError(f"staleness=schedule:<file> replays a simulator schedule on the toy backend only "
+                             f"(got backend=vllm_fsdp, staleness={self.staleness}); use exec=lockstep "
+                             f"staleness=fixed:<k>, or exec=concurrent / exec=ray staleness=<η>")
         self.scheduler = self._parse_staleness()       # not a field: derived, so not in asdict or the digest
         if self.exec == "ray":
             check_fits(self.ray, self.concurrent)
         if self.toy.mixture_frac and self.exec != "lockstep":
             raise ValueError(f"toy.mixture_frac > 0 (rollout mixture) runs with exec=lockstep only, got exec={self.exec!r}")
-        if self.backend == "vllm_fsdp" and (self.exec == "ray" or self.schedule_file is not None):
-            raise ValueError(f"backend=vllm_fsdp runs with exec=lockstep (staleness=fixed:<k>) or exec=concurrent "
-                             f"(staleness=<η>) (got exec={self.exec}, "
-                             f"staleness={self.staleness}); exec=ray runs the toy engines only so far")
 
     @property
     def schedule_file(self) -> str | None:
@@ -121,6 +122,10 @@ ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
 def run(cfg: RunConfig, out_dir: Path):
+    if cfg.backend == "vllm_fsdp" and cfg.exec == "ray":
+        from backends import ray_run
+        from backends.vllm_fsdp.parts import ray_parts
+        return ray_run.run(cfg, out_dir, parts=ray_parts)
     if cfg.backend == "vllm_fsdp" and cfg.exec == "concurrent":
         from backends import toy_concurrent
         from backends.vllm_fsdp.parts import concurrent_parts

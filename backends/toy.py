@@ -40,6 +40,13 @@ def build_models(toy: ToyConfig):
     return task, teacher, student, {"teacher": t_info, "student": s_info}
 
 
+def toy_learner(cfg, student_model, task: SortTask) -> ToyLearner:
+    """The learner on `student_model` with the run's objective and `toy.*` optimiser settings."""
+    toy = cfg.toy
+    return ToyLearner(student_model, cfg.objective, lr=toy.lr, pad_id=task.pad_id, weight_decay=toy.weight_decay,
+                      grad_clip=toy.grad_clip, vcpo_lr=toy.vcpo_lr)
+
+
 @dataclass
 class ToyRoles:
     """How a worker process or a Ray actor builds its toy roles: the run's config and both models, pickled by
@@ -66,6 +73,14 @@ class ToyRoles:
     def teacher(self, device: str | torch.device = "cpu") -> ToyTeacher:
         return ToyTeacher(pickle.loads(self.teacher_bytes), batch_size=self.cfg.toy.batch_size, device=device)
 
+    def learner_side(self, device: str | torch.device = "cpu") -> tuple[ToyLearner, Evaluator]:
+        """(learner, evaluate) on the student and the teacher (the Ray run's learner actor)."""
+        toy, task = self.cfg.toy, self.cfg.toy.task()
+        student = pickle.loads(self.student_bytes).to(device)
+        teacher = pickle.loads(self.teacher_bytes).to(device)
+        evaluate = Evaluator(task, student, teacher, n_prompts=toy.eval_prompts, seed=self.cfg.seed, device=device)
+        return toy_learner(self.cfg, student, task), evaluate
+
 
 def concurrent_parts(cfg):
     """(task, roles_of, learner, evaluate, model_info) of exec=concurrent: the learner and the evaluator in this
@@ -73,13 +88,18 @@ def concurrent_parts(cfg):
     are `version` (a resumed run's workers start on the checkpoint's)."""
     toy = cfg.toy
     task, teacher_model, student_model, model_info = build_models(toy)
-    learner = ToyLearner(student_model, cfg.objective, lr=toy.lr, pad_id=task.pad_id, weight_decay=toy.weight_decay,
-                         grad_clip=toy.grad_clip, vcpo_lr=toy.vcpo_lr)
+    learner = toy_learner(cfg, student_model, task)
     evaluate = Evaluator(task, student_model, teacher_model, n_prompts=toy.eval_prompts, seed=cfg.seed, device="cpu")
 
     def roles_of(learner_now, version: int) -> ToyRoles:
         return ToyRoles.of(cfg, learner_now.model, teacher_model, version)
     return task, roles_of, learner, evaluate, model_info
+
+
+def ray_parts(cfg):
+    """(task, roles, model_info) of exec=ray: the driver ships `roles` to the actors, which build theirs."""
+    task, teacher_model, student_model, model_info = build_models(cfg.toy)
+    return task, ToyRoles.of(cfg, student_model, teacher_model), model_info
 
 
 def mixture_engine(task: SortTask, teacher_model, toy: ToyConfig, *, seed: int, capture_samples: int,
@@ -104,7 +124,6 @@ def lockstep_parts(cfg):
                               temperature=toy.temperature, eos_id=task.eos_id, seed=cfg.seed,
                               capture_samples=n_samples, device=device)
     teacher = ToyTeacher(teacher_model, batch_size=toy.batch_size, device=device)
-    learner = ToyLearner(student_model.to(device), cfg.objective, lr=toy.lr, pad_id=task.pad_id,
-                         weight_decay=toy.weight_decay, grad_clip=toy.grad_clip, vcpo_lr=toy.vcpo_lr)
+    learner = toy_learner(cfg, student_model.to(device), task)
     evaluate = Evaluator(task, student_model, teacher.model, n_prompts=toy.eval_prompts, seed=cfg.seed, device=device)
     return task, engine, teacher, learner, evaluate, model_info

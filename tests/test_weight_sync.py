@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from backends.weight_sync import _buckets, _layout, broadcast_state_dict
+from backends.weight_sync import SyncGroup, _buckets, _layout, broadcast_state_dict
 
 
 def make_state() -> dict[str, torch.Tensor]:
@@ -45,6 +45,38 @@ def test_broadcast_is_bit_identical_across_two_processes(tmp_path):
     state = make_state()
     assert r0["bytes"] == r1["bytes"] == sum(v.numel() * v.element_size() for v in state.values())
     assert r0["buckets"] == r1["buckets"] == len(_buckets(_layout(state), 1000))
+
+
+def _stateless_worker(rank: int, world: int, init: str, port: int, out_dir: str) -> None:
+    """The Ray run's layout: every process already has a default group of its own (one rank, as vLLM and the
+    FSDP2 learner make), and the sync group spans the processes beside it."""
+    dist.init_process_group("gloo", init_method=f"{init}-{rank}", rank=0, world_size=1)
+    try:
+        group = SyncGroup(f"tcp://127.0.0.1:{port}", rank, world, timeout_s=60)
+        state, stats = broadcast_state_dict(make_state() if rank == 0 else None, src=0, group=group,
+                                            bucket_bytes=1000)
+        with open(f"{out_dir}/rank{rank}.json", "w") as f:
+            json.dump({"digest": digest(state), "bytes": stats.bytes, "buckets": stats.buckets,
+                       "default_world": dist.get_world_size()}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_group_broadcasts_beside_each_process_default_group(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_stateless_worker, args=(3, f"file://{tmp_path / 'rdzv'}", port, str(tmp_path)), nprocs=3, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]
+    assert all(r["digest"] == digest(make_state()) for r in ranks)
+    assert [r["default_world"] for r in ranks] == [1, 1, 1]          # the default groups were left alone
+    assert {r["buckets"] for r in ranks} == {len(_buckets(_layout(make_state()), 1000))}
+
+
+def test_sync_group_refuses_a_non_tcp_address():
+    with pytest.raises(ValueError, match="tcp://<host>:<port>"):
+        SyncGroup("file:///tmp/x", 0, 1)
 
 
 def test_buckets_close_before_overflow_and_big_tensors_travel_alone():

@@ -1,8 +1,9 @@
 """backend=vllm_fsdp: the roles of a run on real engines: vLLM rollouts and teacher, the FSDP2 learner.
 
 The one idea: the run loops do not change. The lockstep loop (backends/lockstep.py) asks for its parts (task,
-rollout engine, teacher, learner, evaluator) and the concurrent run (backends/toy_concurrent.py) for its
-learner side and the roles its worker processes build their engines from (`VLLMRoles`); with
+rollout engine, teacher, learner, evaluator), the concurrent run (backends/toy_concurrent.py) for its
+learner side and the roles its worker processes build their engines from (`VLLMRoles`), and the Ray run
+(backends/ray_run.py) for the roles its actors build everything from; with
 `backend=vllm_fsdp` they come from here: a `VLLMRolloutEngine` on the student folder, a `VLLMTeacher` on the
 teacher folder, an `FSDPLearner` (bf16 compute on fp32 master weights, lm head chunked over tokens) on the
 student, in a process group of its own (world size 1; NCCL on a GPU, gloo on a CPU). The scheduler, estimators,
@@ -17,6 +18,7 @@ models only).
 
     python -m backends.run backend=vllm_fsdp staleness=fixed:1 steps=50 estimator=forward_kl_topk
     python -m backends.run backend=vllm_fsdp exec=concurrent staleness=1 steps=50    # vLLM in worker processes
+    python -m backends.run backend=vllm_fsdp exec=ray staleness=1 steps=50           # vLLM in Ray actors
 
 Not supported with vLLM rollouts: `reverse_kl_mc` (it needs extra draws per position at rollout time, which
 vLLM does not make) and `toy.mixture_frac > 0`.
@@ -102,6 +104,15 @@ class VLLMRoles:
         return VLLMTeacher(*self.build_engine(engine_config(real, self.teacher_path, real.teacher_gpu_memory, topk),
                                               logprobs_mode="raw_logprobs"), batch_size=self.cfg.toy.batch_size)
 
+    def learner_side(self, device=None):
+        """(learner, evaluate) in this process (the Ray run's learner actor)."""
+        _, learner, evaluate, _ = learner_parts(self.cfg, self, device)
+        return learner, evaluate
+
+    def model_info(self, device) -> dict:
+        return {"teacher": {"path": str(self.teacher_path)}, "student": {"path": str(self.student_path)},
+                "device": str(device), "mixed_precision": self.cfg.vllm_fsdp.mixed_precision}
+
 
 def check_supported(cfg) -> None:
     """What vLLM rollouts cannot do, refused before anything starts."""
@@ -122,10 +133,17 @@ def vllm_roles(cfg, build_engine=build_llm_engine) -> VLLMRoles:
     return VLLMRoles(cfg, student_path, teacher_path, build_engine)
 
 
-def learner_parts(cfg, roles: VLLMRoles):
+def run_device(toy, device=None) -> torch.device:
+    """`device` when given (a Ray actor's, from its GPU request), else toy.device (auto: CUDA when present)."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if toy.device == "auto" else toy.device)
+
+
+def learner_parts(cfg, roles: VLLMRoles, device=None):
     """(task, learner, evaluate, model_info): the learner side of a vLLM + FSDP2 run, in this process."""
     toy, real = cfg.toy, cfg.vllm_fsdp
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if toy.device == "auto" else toy.device)
+    device = run_device(toy, device)
     task = toy.task()
     load = dict(local_files_only=True, trust_remote_code=real.trust_remote_code, dtype=torch.float32)
     student = AutoModelForCausalLM.from_pretrained(roles.student_path, **load)
@@ -137,9 +155,7 @@ def learner_parts(cfg, roles: VLLMRoles):
                           weight_decay=toy.weight_decay, grad_clip=toy.grad_clip, vcpo_lr=toy.vcpo_lr)
     evaluate = _EvalCopy(Evaluator(task, student_eval, teacher_model, n_prompts=toy.eval_prompts, seed=cfg.seed,
                                    device=device), student_eval.to(device))
-    info = {"teacher": {"path": str(roles.teacher_path)}, "student": {"path": str(roles.student_path)},
-            "device": str(device), "mixed_precision": real.mixed_precision}
-    return task, learner, evaluate, info
+    return task, learner, evaluate, roles.model_info(device)
 
 
 def lockstep_parts(cfg, *, build_engine=build_llm_engine):
@@ -149,6 +165,13 @@ def lockstep_parts(cfg, *, build_engine=build_llm_engine):
     engine, teacher = roles.rollout_engine(), roles.teacher()   # before the learner, as vLLM sets up its group
     task, learner, evaluate, info = learner_parts(cfg, roles)
     return task, engine, teacher, learner, evaluate, info
+
+
+def ray_parts(cfg):
+    """(task, roles, model_info) of exec=ray on vLLM + FSDP2: the learner actor builds the FSDP2 learner, the
+    rollout and teacher actors their vLLM engines, each from the model folders."""
+    roles = vllm_roles(cfg)
+    return cfg.toy.task(), roles, roles.model_info(run_device(cfg.toy, "cuda" if cfg.ray.learner_gpus else "cpu"))
 
 
 def concurrent_parts(cfg):
