@@ -6,7 +6,11 @@ the same schema as any backend) fits it by non-negative least squares (scipy.opt
     decode iteration   dur  = decode_step_s + decode_step_s_per_seq·(n − 1) + prefill_s_per_token·p
                        over `decode_iter` events (n sequences decoded, p prompt tokens prefilled), plus the
                        worker's loop overhead: the median gap between one iteration's end and the next one's start
-                       (only gaps with nothing else in between and shorter than `idle_gap_s`: longer ones are idle)
+                       (only gaps with nothing else in between, before an iteration that prefills nothing, and
+                       shorter than `idle_gap_s`: longer ones are idle). An iteration that prefills is fitted with
+                       its admission: the gap before it less that overhead (and the handover, after a teacher
+                       call), where the worker took the new requests in (vLLM's add_request: ~0.1 ms each on a
+                       CPU), so prefill_s_per_token carries the cost of a sequence joining the replica
     learner step       dur  = learner_step_s + learner_s_per_token·tokens        over `learner_step` events;
                        publish_s = median time from a step's end to the learner's next admission (it hands its
                        weights out and books the step in between, and cannot train meanwhile)
@@ -170,28 +174,40 @@ def calibrate(df: pd.DataFrame, info: dict, cfg: CalibrateConfig) -> tuple[Clust
     colocated = info["placement"] == "colocate_teacher_with_rollout"
     B = int(info["batch_size"])
 
-    # decode iterations: the step-time form by NNLS, then the loop overhead between iterations
+    # the workers' gaps: loop overhead between decode iterations, the colocated teacher's handover, and the gap
+    # before an iteration that prefills (the worker took its new requests in and queued them in its engine)
     it = df[df.kind == "decode_iter"]
-    X = np.column_stack([np.ones(len(it)), it.n_seqs - 1, it.tokens])
-    (d0, d_seq, d_pre), r2_decode = fit(it.dur_s.to_numpy(), X)
     calls = df[(df.kind == "decode_iter") | ((df.kind == "teacher") & colocated)]      # each worker's own calls
-    overheads, handovers = [], []
+    overheads, handovers, admissions = [], [], []                   # admissions: (decode_iter index, gap, after)
     for w, ev in pd.concat([calls, df[df.kind == "weight_sync"]]).groupby("worker"):
         ev = ev.sort_values("t")
         kinds, t, end = ev.kind.to_numpy(), ev.t.to_numpy(), (ev.t + ev.dur_s).to_numpy()
+        prefills = (ev.kind == "decode_iter").to_numpy() & (ev.tokens > 0).to_numpy()
         for k in range(len(ev) - 1):
             gap = t[k + 1] - end[k]
-            if kinds[k] == "decode_iter" and kinds[k + 1] == "decode_iter" and gap < cfg.idle_gap_s:
+            if kinds[k] == "decode_iter" and kinds[k + 1] == "decode_iter" and not prefills[k + 1] \
+                    and gap < cfg.idle_gap_s:
                 overheads.append(gap)
             elif kinds[k] == "teacher" and gap < cfg.idle_gap_s:
                 handovers.append(gap)
+            if prefills[k + 1] and gap < cfg.idle_gap_s:
+                admissions.append((ev.index[k + 1], gap, kinds[k]))
     overhead = float(np.median(overheads)) if overheads else 0.0
+    handover = max(0.0, float(np.median(handovers)) - overhead) if handovers else 0.0
+
+    # decode iterations: the step-time form by NNLS. A prefilling iteration also pays for its admission: the part
+    # of the gap before it beyond the usual loop overhead (and handover, after a teacher call), so the prefill
+    # rate carries the per-request cost of taking requests in (large for vLLM's add_request, ~0 for the toy)
+    admission = pd.Series(0.0, index=it.index)
+    for i, gap, after in admissions:
+        admission[i] = max(0.0, gap - overhead - (handover if after == "teacher" else 0.0))
+    X = np.column_stack([np.ones(len(it)), it.n_seqs - 1, it.tokens])
+    (d0, d_seq, d_pre), r2_decode = fit((it.dur_s + admission).to_numpy(), X)
 
     # teacher: call + per sequence + per token by NNLS; colocated, each call also hands its batch over
     te = df[df.kind == "teacher"]
     (t_call, t_seq, t_tok), r2_teacher = fit(te.dur_s.to_numpy(),
                                              np.column_stack([np.ones(len(te)), te.n_seqs, te.tokens]))
-    handover = max(0.0, float(np.median(handovers)) - overhead) if handovers else 0.0
 
     # learner: the step by NNLS, then what it does per step before admitting again (publishing its weights)
     (l0, l_tok), r2_learner = fit(steps.dur_s.to_numpy(), np.column_stack([np.ones(len(steps)), steps.tokens]))
@@ -235,6 +251,7 @@ def calibrate(df: pd.DataFrame, info: dict, cfg: CalibrateConfig) -> tuple[Clust
                                           values=lengths))
     diag = {"r2_decode": r2_decode, "r2_teacher": r2_teacher, "r2_learner": r2_learner, "poor_fits": poor,
             "decode_loop_overhead_s": overhead, "teacher_handover_s": handover,
+            "admission_s_per_step": float(admission.sum() / max(1, len(steps))),
             "n_decode_iters": len(it), "n_overhead_gaps": len(overheads), "n_teacher_calls": len(te),
             "n_learner_steps": len(steps), "n_rollouts": len(ro), **sync_diag,
             "measured": {"eta": SchedulerConfig.parse(info["staleness"]).max_staleness, "on_stale": info["on_stale"],

@@ -215,3 +215,28 @@ def test_a_needed_cost_fitted_as_zero_is_refused(tmp_path):
         CalibrateConfig(on_poor_fit="ignore")
     with pytest.raises(ValueError, match=r"min_r2 must be in \[0, 1\]"):
         CalibrateConfig(min_r2=1.5)
+
+
+def test_the_gap_before_a_prefilling_iteration_joins_the_prefill_rate(tmp_path):
+    """Taking new requests in happens between iterations (vLLM's add_request: ~0.1 ms each on a CPU); the gap before
+    an iteration that prefills, beyond the loop overhead, is charged to prefill_s_per_token (the model's cost of a
+    sequence joining a replica). Iterations that prefill nothing keep the plain overhead."""
+    admit_per_token = 2e-5
+    synthetic_run(tmp_path)
+    df = trace.read(tmp_path / "trace.csv")
+    dec = df[(df.kind == "decode_iter") & (df.worker == 1)].sort_values("t")
+    first = dec.index[0]                          # no gap before it in the trace: it prefills nothing here
+    df.loc[first, "dur_s"] -= DPRE * df.loc[first, "tokens"]
+    df.loc[first, "tokens"] = 0
+    dec = df.loc[dec.index]
+    t, starts = 0.0, []
+    for dur, p in zip(dec.dur_s, dec.tokens):
+        t += admit_per_token * p                  # the worker queues the new requests, then steps
+        starts.append(t)
+        t += dur + OVERHEAD
+    df.loc[dec.index, "t"] = starts
+    trace.write(df, tmp_path / "trace.csv")
+    _, costs, _, diag = calibrate(*load_run(tmp_path), CalibrateConfig(warmup_steps=0))
+    assert costs.prefill_s_per_token == pytest.approx(DPRE + admit_per_token, rel=1e-6)
+    assert costs.decode_step_s == pytest.approx(D0 + OVERHEAD, rel=1e-6) and diag["r2_decode"] == pytest.approx(1)
+    assert diag["admission_s_per_step"] > 0
