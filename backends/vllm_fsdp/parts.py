@@ -51,10 +51,11 @@ def model_paths(cfg) -> tuple[Path, Path]:
     return Path(real.teacher_path or exported[0]), Path(real.student_path or exported[1])
 
 
-def engine_config(real: RealConfig, path: Path, gpu_memory: float, max_logprobs: int) -> VLLMConfig:
+def engine_config(real: RealConfig, path: Path, gpu_memory: float, max_logprobs: int,
+                  max_num_seqs: int = VLLMConfig.max_num_seqs) -> VLLMConfig:
     """The vLLM engine of one role (rollout or teacher) on the model folder `path`."""
     return VLLMConfig(model_path=str(path), dtype=real.dtype, gpu_memory_utilization=gpu_memory,
-                      max_model_len=real.max_model_len, max_logprobs=max_logprobs,
+                      max_model_len=real.max_model_len, max_logprobs=max_logprobs, max_num_seqs=max_num_seqs,
                       enforce_eager=real.enforce_eager, trust_remote_code=real.trust_remote_code,
                       cpu_kv_cache_gib=real.cpu_kv_cache_gib)
 
@@ -95,7 +96,8 @@ class VLLMRoles:
     def rollout_engine(self, device=None) -> VLLMRolloutEngine:
         real, task, temperature = self.cfg.vllm_fsdp, self.cfg.toy.task(), self.cfg.toy.temperature
         return VLLMRolloutEngine(
-            *self.build_engine(engine_config(real, self.student_path, real.rollout_gpu_memory, 0),
+            *self.build_engine(engine_config(real, self.student_path, real.rollout_gpu_memory, 0,
+                                             max_num_seqs=self.cfg.toy.engine_slots),
                                logprobs_mode=logprobs_mode_for(temperature)),
             max_new_tokens=task.max_response_len, temperature=temperature, eos_id=task.eos_id, seed=self.cfg.seed)
 
