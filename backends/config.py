@@ -50,6 +50,7 @@ class ToyConfig:
     engine_slots: int = 64               # concurrent sequences in the rollout engine (continuous batching)
     # the learner
     lr: float = 1e-4                     # AdamW learning rate, > 0
+    lr_warmup_steps: int = 0             # linear warm-up of the learning rate over the first learner steps, >= 0
     grad_clip: float = 1.0               # max gradient norm, > 0
     weight_decay: float = 0.0            # AdamW weight decay, >= 0
     vcpo_lr: bool = False                # VCPO: scale the learning rate by ESS/N of the batch's IS weights
@@ -69,6 +70,7 @@ class ToyConfig:
                 ("length_power", self.length_power >= 0, ">= 0"), ("batch_size", self.batch_size >= 1, ">= 1"),
                 ("temperature", self.temperature > 0, "> 0"), ("engine_slots", self.engine_slots >= 1, ">= 1"),
                 ("lr", self.lr > 0, "> 0"), ("grad_clip", self.grad_clip > 0, "> 0"),
+                ("lr_warmup_steps", self.lr_warmup_steps >= 0, ">= 0"),
                 ("weight_decay", self.weight_decay >= 0, ">= 0"), ("eval_every", self.eval_every >= 1, ">= 1"),
                 ("eval_prompts", self.eval_prompts >= 1, ">= 1"), ("ckpt_every", self.ckpt_every >= 1, ">= 1"),
                 ("threads", self.threads >= 0, ">= 0"), ("teacher_steps", self.teacher_steps >= 1, ">= 1"),

@@ -6,6 +6,8 @@ gradients already in the model,
     clips them to `grad_clip` (the norm of an FSDP2 model is a DTensor: made a full tensor first),
     raises `FloatingPointError` on a non-finite loss or gradient norm *before* the optimiser touches the
         weights, so the caller's last checkpoint stays the last good state,
+    warms the learning rate up linearly over the first `warmup_steps` learner versions (lr_v = lr · min(1,
+        (v + 1) / warmup_steps), from the batch's version v, so a resumed run continues the same schedule),
     scales the learning rate by the estimator's `ess_frac` under VCPO (lr_t = lr · ESS/N),
     steps the optimiser, and returns the step's metrics.
 """
@@ -19,10 +21,11 @@ import torch
 from asyncopd.objective import ObjectiveConfig
 
 
-def check_hyperparameters(owner: str, *, lr: float, grad_clip: float, weight_decay: float) -> None:
-    if lr <= 0 or grad_clip <= 0 or weight_decay < 0:
-        raise ValueError(f"{owner} needs lr > 0, grad_clip > 0, weight_decay >= 0; got lr={lr}, "
-                         f"grad_clip={grad_clip}, weight_decay={weight_decay}")
+def check_hyperparameters(owner: str, *, lr: float, grad_clip: float, weight_decay: float,
+                          warmup_steps: int = 0) -> None:
+    if lr <= 0 or grad_clip <= 0 or weight_decay < 0 or warmup_steps < 0:
+        raise ValueError(f"{owner} needs lr > 0, grad_clip > 0, weight_decay >= 0, warmup_steps >= 0; got lr={lr}, "
+                         f"grad_clip={grad_clip}, weight_decay={weight_decay}, warmup_steps={warmup_steps}")
 
 
 def adamw(model: torch.nn.Module, *, lr: float, weight_decay: float, betas=(0.9, 0.999)) -> torch.optim.AdamW:
@@ -37,13 +40,15 @@ def frozen_reference(model: torch.nn.Module, objective: ObjectiveConfig) -> torc
 
 
 def apply_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, metrics: dict, *,
-                    lr: float, grad_clip: float, vcpo_lr: bool, version: int, n_tokens: int) -> dict[str, float]:
+                    lr: float, grad_clip: float, vcpo_lr: bool, version: int, n_tokens: int,
+                    warmup_steps: int = 0) -> dict[str, float]:
     """Clip, check, and take the optimiser step on the gradients already in `model` (see the module doc)."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm   # FSDP2: DTensor
     if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
         raise FloatingPointError(f"non-finite loss ({loss.item()}) or gradient norm ({grad_norm.item()}) "
                                  f"at learner version {version}")
+    lr = lr * min(1.0, (version + 1) / warmup_steps) if warmup_steps else lr
     lr = lr * metrics.get("ess_frac", 1.0) if vcpo_lr else lr
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -44,7 +44,7 @@ def toy_learner(cfg, student_model, task: SortTask) -> ToyLearner:
     """The learner on `student_model` with the run's objective and `toy.*` optimiser settings."""
     toy = cfg.toy
     return ToyLearner(student_model, cfg.objective, lr=toy.lr, pad_id=task.pad_id, weight_decay=toy.weight_decay,
-                      grad_clip=toy.grad_clip, vcpo_lr=toy.vcpo_lr)
+                      grad_clip=toy.grad_clip, vcpo_lr=toy.vcpo_lr, lr_warmup_steps=toy.lr_warmup_steps)
 
 
 @dataclass

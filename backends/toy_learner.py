@@ -25,8 +25,11 @@ class ToyLearner:
     forward_chunks = 4                   # student forwards per step (length-sorted groups: less padding)
 
     def __init__(self, model, objective: ObjectiveConfig, *, lr: float, pad_id: int, weight_decay: float = 0.0,
-                 grad_clip: float = 1.0, vcpo_lr: bool = False, betas=(0.9, 0.999)):
-        optim.check_hyperparameters("ToyLearner", lr=lr, grad_clip=grad_clip, weight_decay=weight_decay)
+                 grad_clip: float = 1.0, vcpo_lr: bool = False, betas=(0.9, 0.999),
+                 lr_warmup_steps: int = 0):
+        optim.check_hyperparameters("ToyLearner", lr=lr, grad_clip=grad_clip, weight_decay=weight_decay,
+                                  warmup_steps=lr_warmup_steps)
+        self.lr_warmup_steps = lr_warmup_steps
         self.model, self.objective, self.pad_id = model.train(), objective, pad_id
         self.lr, self.grad_clip, self.vcpo_lr = lr, grad_clip, vcpo_lr
         self.optimizer = optim.adamw(model, lr=lr, betas=betas, weight_decay=weight_decay)
@@ -40,7 +43,7 @@ class ToyLearner:
         out.loss.backward()
         return optim.apply_gradients(self.model, self.optimizer, out.loss, out.metrics, lr=self.lr,
                                      grad_clip=self.grad_clip, vcpo_lr=self.vcpo_lr, version=batch.version,
-                                     n_tokens=n_tokens)
+                                     n_tokens=n_tokens, warmup_steps=self.lr_warmup_steps)
 
     def loss(self, trajs: list, scores: list[TeacherScores]):
         """(EstimatorOut, response tokens) of the configured objective on these trajectories."""

@@ -27,6 +27,26 @@ def test_apply_gradients_clips_scales_lr_and_steps():
     assert out["lr"] == 0.1 and opt.param_groups[0]["lr"] == 0.1
 
 
+def test_lr_warms_up_linearly_from_the_batch_version_then_holds():
+    """lr_v = lr · min(1, (v + 1) / warmup): from the version, so a resumed run continues the same schedule; VCPO's
+    ESS scaling multiplies on top."""
+    lrs = []
+    for version in (0, 1, 3, 4, 9):
+        m = model_with_grad([0.3, 0.4])
+        opt = torch.optim.SGD(m.parameters(), lr=1.0)
+        out = optim.apply_gradients(m, opt, torch.tensor(1.0), {}, lr=0.2, grad_clip=1.0, vcpo_lr=False,
+                                    version=version, n_tokens=1, warmup_steps=4)
+        lrs.append(out["lr"])
+        assert torch.allclose(m.weight, torch.tensor([[1 - out["lr"] * 0.3, -1 - out["lr"] * 0.4]]))
+    assert lrs == pytest.approx([0.05, 0.1, 0.2, 0.2, 0.2])
+    m = model_with_grad([0.3, 0.4])
+    out = optim.apply_gradients(m, torch.optim.SGD(m.parameters(), lr=1.0), torch.tensor(1.0), {"ess_frac": 0.5},
+                                lr=0.2, grad_clip=1.0, vcpo_lr=True, version=1, n_tokens=1, warmup_steps=4)
+    assert out["lr"] == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="warmup_steps >= 0"):
+        optim.check_hyperparameters("L", lr=0.1, grad_clip=1.0, weight_decay=0.0, warmup_steps=-1)
+
+
 @pytest.mark.parametrize("loss, grad", [(float("nan"), [1.0, 0.0]), (1.0, [float("inf"), 0.0])])
 def test_nonfinite_loss_or_gradient_raises_before_the_step(loss, grad):
     m = model_with_grad(grad)

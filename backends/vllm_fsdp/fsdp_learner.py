@@ -74,8 +74,11 @@ class FSDPLearner:
 
     def __init__(self, model, objective: ObjectiveConfig, *, lr: float, pad_id: int, mixed_precision: str = "fp32",
                  head_chunk_tokens: int = DEFAULT_CHUNK_TOKENS, mesh=None, weight_decay: float = 0.0,
-                 grad_clip: float = 1.0, vcpo_lr: bool = False, betas=(0.9, 0.999)):
-        optim.check_hyperparameters("FSDPLearner", lr=lr, grad_clip=grad_clip, weight_decay=weight_decay)
+                 grad_clip: float = 1.0, vcpo_lr: bool = False, betas=(0.9, 0.999),
+                 lr_warmup_steps: int = 0):
+        optim.check_hyperparameters("FSDPLearner", lr=lr, grad_clip=grad_clip, weight_decay=weight_decay,
+                                  warmup_steps=lr_warmup_steps)
+        self.lr_warmup_steps = lr_warmup_steps
         if mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"FSDPLearner.mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
         if head_chunk_tokens < 1:

@@ -154,7 +154,8 @@ def learner_parts(cfg, roles: VLLMRoles, device=None):
     init_single_process_group(device)                      # unless vLLM started one here: the learner reuses it
     learner = FSDPLearner(student.to(device), cfg.objective, lr=toy.lr, pad_id=task.pad_id,
                           mixed_precision=real.mixed_precision, head_chunk_tokens=real.head_chunk_tokens,
-                          weight_decay=toy.weight_decay, grad_clip=toy.grad_clip, vcpo_lr=toy.vcpo_lr)
+                          weight_decay=toy.weight_decay, grad_clip=toy.grad_clip, vcpo_lr=toy.vcpo_lr,
+                          lr_warmup_steps=toy.lr_warmup_steps)
     evaluate = _EvalCopy(Evaluator(task, student_eval, teacher_model, n_prompts=toy.eval_prompts, seed=cfg.seed,
                                    device=device), student_eval.to(device))
     return task, learner, evaluate, roles.model_info(device)
