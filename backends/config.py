@@ -98,6 +98,11 @@ class ToyConfig:
         from backends.toy_task import SortTask   # imports torch: only when a run builds its task
         return SortTask(n_symbols=self.n_symbols, max_len=self.max_len, length_power=self.length_power)
 
+    def torch_device(self):
+        """`device` as a torch.device (auto: CUDA when present, else the CPU); imports torch when called."""
+        import torch
+        return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device)
+
 
 @dataclass
 class ConcurrentConfig:

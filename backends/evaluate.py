@@ -30,6 +30,11 @@ class Evaluator:
         self.sampler = ToyRolloutEngine(student, max_batch=256, max_new_tokens=task.max_response_len,
                                         eos_id=task.eos_id, seed=seed + 7919, device=device)
 
+    @classmethod
+    def of_run(cls, cfg, task: SortTask, student, teacher, device) -> Evaluator:
+        """The run's evaluator: `toy.eval_prompts` held-out prompts, sampling seeded by the run's seed."""
+        return cls(task, student, teacher, n_prompts=cfg.toy.eval_prompts, seed=cfg.seed, device=device)
+
     @torch.no_grad()
     def __call__(self, student, weights, version: int) -> dict[str, float]:
         uids = list(range(len(self.prompts)))

@@ -75,11 +75,10 @@ class ToyRoles:
 
     def learner_side(self, device: str | torch.device = "cpu") -> tuple[ToyLearner, Evaluator]:
         """(learner, evaluate) on the student and the teacher (the Ray run's learner actor)."""
-        toy, task = self.cfg.toy, self.cfg.toy.task()
+        task = self.cfg.toy.task()
         student = pickle.loads(self.student_bytes).to(device)
         teacher = pickle.loads(self.teacher_bytes).to(device)
-        evaluate = Evaluator(task, student, teacher, n_prompts=toy.eval_prompts, seed=self.cfg.seed, device=device)
-        return toy_learner(self.cfg, student, task), evaluate
+        return toy_learner(self.cfg, student, task), Evaluator.of_run(self.cfg, task, student, teacher, device)
 
 
 def concurrent_parts(cfg):
@@ -89,7 +88,7 @@ def concurrent_parts(cfg):
     toy = cfg.toy
     task, teacher_model, student_model, model_info = build_models(toy)
     learner = toy_learner(cfg, student_model, task)
-    evaluate = Evaluator(task, student_model, teacher_model, n_prompts=toy.eval_prompts, seed=cfg.seed, device="cpu")
+    evaluate = Evaluator.of_run(cfg, task, student_model, teacher_model, "cpu")
 
     def roles_of(learner_now, version: int) -> ToyRoles:
         return ToyRoles.of(cfg, learner_now.model, teacher_model, version)
@@ -117,7 +116,7 @@ def lockstep_parts(cfg):
     toy = cfg.toy
     if toy.threads:
         torch.set_num_threads(toy.threads)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if toy.device == "auto" else toy.device)
+    device = toy.torch_device()
     task, teacher_model, student_model, model_info = build_models(toy)
     _, n_samples = cache_layout(cfg.objective)
     engine = ToyRolloutEngine(student_model, max_batch=toy.engine_slots, max_new_tokens=task.max_response_len,
@@ -125,5 +124,5 @@ def lockstep_parts(cfg):
                               capture_samples=n_samples, device=device)
     teacher = ToyTeacher(teacher_model, batch_size=toy.batch_size, device=device)
     learner = toy_learner(cfg, student_model.to(device), task)
-    evaluate = Evaluator(task, student_model, teacher.model, n_prompts=toy.eval_prompts, seed=cfg.seed, device=device)
+    evaluate = Evaluator.of_run(cfg, task, student_model, teacher.model, device)
     return task, engine, teacher, learner, evaluate, model_info

@@ -135,17 +135,10 @@ def vllm_roles(cfg, build_engine=build_llm_engine) -> VLLMRoles:
     return VLLMRoles(cfg, student_path, teacher_path, build_engine)
 
 
-def run_device(toy, device=None) -> torch.device:
-    """`device` when given (a Ray actor's, from its GPU request), else toy.device (auto: CUDA when present)."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if toy.device == "auto" else toy.device)
-
-
 def learner_parts(cfg, roles: VLLMRoles, device=None):
     """(task, learner, evaluate, model_info): the learner side of a vLLM + FSDP2 run, in this process."""
     toy, real = cfg.toy, cfg.vllm_fsdp
-    device = run_device(toy, device)
+    device = torch.device(device) if device is not None else toy.torch_device()   # a Ray actor's, or toy.device
     task = toy.task()
     load = dict(local_files_only=True, trust_remote_code=real.trust_remote_code, dtype=torch.float32)
     student = AutoModelForCausalLM.from_pretrained(roles.student_path, **load)
@@ -156,8 +149,7 @@ def learner_parts(cfg, roles: VLLMRoles, device=None):
                           mixed_precision=real.mixed_precision, head_chunk_tokens=real.head_chunk_tokens,
                           weight_decay=toy.weight_decay, grad_clip=toy.grad_clip, vcpo_lr=toy.vcpo_lr,
                           lr_warmup_steps=toy.lr_warmup_steps)
-    evaluate = _EvalCopy(Evaluator(task, student_eval, teacher_model, n_prompts=toy.eval_prompts, seed=cfg.seed,
-                                   device=device), student_eval.to(device))
+    evaluate = _EvalCopy(Evaluator.of_run(cfg, task, student_eval, teacher_model, device), student_eval.to(device))
     return task, learner, evaluate, roles.model_info(device)
 
 
@@ -174,7 +166,7 @@ def ray_parts(cfg):
     """(task, roles, model_info) of exec=ray on vLLM + FSDP2: the learner actor builds the FSDP2 learner, the
     rollout and teacher actors their vLLM engines, each from the model folders."""
     roles = vllm_roles(cfg)
-    return cfg.toy.task(), roles, roles.model_info(run_device(cfg.toy, "cuda" if cfg.ray.learner_gpus else "cpu"))
+    return cfg.toy.task(), roles, roles.model_info(torch.device("cuda" if cfg.ray.learner_gpus else "cpu"))
 
 
 def concurrent_parts(cfg):
