@@ -49,13 +49,12 @@ def check_conservation(out_dir: Path, eta: int):
 
 @pytest.mark.slow
 def test_bounded_async_staleness_and_conservation(model_cache, tmp_path):
-    # 2 engine slots for 16 admissions: requests queue in the engine and many start after a weight update
+    # 2 engine slots for 16 admissions: requests queue in the engine, and some usually start after a weight update
+    # (behav_version > admit_version); that depends on timing, so test_engine_pump.py checks it with fixed timing
     m = run(tiny(model_cache, eta=1, kv_on_update="recompute", toy={"engine_slots": 2}), tmp_path)
     trained = m[m.step > 0]
     assert trained.step.tolist() == [1, 2, 3, 4] and (trained.staleness_max <= 1).all()
     df = check_conservation(tmp_path, eta=1)
-    versions = df[df.kind == "rollout"].merge(df[df.kind == "admit"], on="uid", suffixes=("", "_admit"))
-    assert (versions.version > versions.version_admit).any()     # the admit_version path was exercised
     assert df[df.kind == "learner_step"].version.tolist() == [1, 2, 3, 4]
     assert {"decode_iter", "rollout", "teacher", "weight_sync", "admit"} <= set(df.kind)
     assert (tmp_path / "trace.json").exists() and (tmp_path / "checkpoint" / "latest").exists()
