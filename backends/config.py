@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from backends.toy_task import SortTask
 
 TEACHER_SFT = dict(steps=1500, batch_size=128, lr=3e-3)     # the toy models' SFT defaults (backends/toy_models.py)
-STUDENT_SFT = dict(steps=300, batch_size=128, lr=3e-3)
+STUDENT_SFT = dict(steps=300, batch_size=128, lr=3e-3, horizon=0)
 PLACEMENTS = ("separate", "colocate_teacher_with_rollout")  # concurrent.placement
 WEIGHT_UPDATES = ("in_flight", "between_rollouts")          # concurrent.weight_update
 DEFAULT_BUCKET_BYTES = 4 << 20                              # weight broadcast bucket (backends/weight_sync.py)
@@ -38,6 +38,8 @@ class ToyConfig:
     student_layers: int = 2              # 2 x 64 ≈ 0.1M parameters
     student_width: int = 64
     student_warmup_steps: int = STUDENT_SFT["steps"]    # SFT warm-up: the student starts clearly below the teacher
+    student_warmup_horizon: int = STUDENT_SFT["horizon"]  # the warm-up's lr schedule length, 0 or >= its steps:
+                                         # longer stops it partway (a student still learning); 0 = anneal it
     head_dim: int = 32                   # attention head size of both models; each model has width / head_dim
                                          # heads; vLLM's CPU attention needs >= 32
     sft_lr: float = TEACHER_SFT["lr"]                   # learning rate of both SFT runs
@@ -75,6 +77,8 @@ class ToyConfig:
                 ("eval_prompts", self.eval_prompts >= 1, ">= 1"), ("ckpt_every", self.ckpt_every >= 1, ">= 1"),
                 ("threads", self.threads >= 0, ">= 0"), ("teacher_steps", self.teacher_steps >= 1, ">= 1"),
                 ("student_warmup_steps", self.student_warmup_steps >= 0, ">= 0"), ("sft_lr", self.sft_lr > 0, "> 0"),
+                ("student_warmup_horizon", self.student_warmup_horizon in (0,) or
+                 self.student_warmup_horizon >= self.student_warmup_steps, "0 or >= toy.student_warmup_steps"),
                 ("head_dim", self.head_dim >= 1, ">= 1"),
                 ("mixture_frac", 0 <= self.mixture_frac < 1, "in [0, 1)")):
             if not ok:

@@ -36,7 +36,7 @@ def build_models(toy: ToyConfig):
     student, s_info = load_or_warmup_student(
         task, ModelSpec(toy.student_layers, toy.student_width, toy.student_width // toy.head_dim, positions),
         steps=toy.student_warmup_steps, seed=toy.model_seed, lr=toy.sft_lr, batch_size=toy.sft_batch_size,
-        cache_dir=toy.cache_dir)
+        horizon=toy.student_warmup_horizon, cache_dir=toy.cache_dir)
     return task, teacher, student, {"teacher": t_info, "student": s_info}
 
 

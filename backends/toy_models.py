@@ -122,10 +122,12 @@ def response_nll(model: GPT2LMHeadModel, ids, attn, resp) -> torch.Tensor:
 
 
 def sft(model: GPT2LMHeadModel, task: SortTask, *, steps: int, batch_size: int, lr: float, seed: int,
-        desc: str = "sft", n_chunks: int = 4) -> list[float]:
+        horizon: int = 0, desc: str = "sft", n_chunks: int = 4) -> list[float]:
     """Train on fresh ground-truth sequences for `steps` AdamW steps; returns the loss of every step.
 
-    LR: linear warm-up over the first 5% of steps, then cosine decay to lr/10. Each batch is sorted by
+    LR: linear warm-up over the first 5% of `horizon` steps (0: `steps`), then cosine decay to lr/10 at
+    `horizon`. A horizon beyond `steps` stops the schedule partway: the model is a snapshot of a longer run, still
+    learning at a high lr, not one annealed into its basin (see ToyConfig.student_warmup_horizon). Each batch is sorted by
     length and split into `n_chunks` gradient-accumulated chunks, each padded only to its own longest
     sequence: with long-tailed lengths most chunks are short, which roughly halves the cost of a step.
     The loss is the mean over the batch's response tokens; gradients are clipped to norm 1. Deterministic
@@ -133,12 +135,15 @@ def sft(model: GPT2LMHeadModel, task: SortTask, *, steps: int, batch_size: int, 
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
-    warmup = max(1, steps // 20)
+    horizon = horizon or steps
+    if horizon < steps:
+        raise ValueError(f"sft horizon={horizon} must be 0 or >= steps={steps}")
+    warmup = max(1, horizon // 20)
 
     def lr_factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
+        progress = (step - warmup) / max(1, horizon - warmup)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
@@ -265,16 +270,18 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def cache_key(kind: str, task: SortTask, spec: ModelSpec, *, steps: int, seed: int, lr: float,
-              batch_size: int) -> str:
+              batch_size: int, horizon: int = 0) -> str:
     fields = dict(kind=kind, task=dataclasses.asdict(task), spec=dataclasses.asdict(spec), steps=steps,
                   seed=seed, lr=lr, batch_size=batch_size, cache_version=CACHE_VERSION)
+    if horizon and horizon != steps:                       # keys of annealed models stay what they were
+        fields["horizon"] = horizon
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _load_or_train(kind: str, task: SortTask, spec: ModelSpec, *, steps: int, seed: int, lr: float,
-                   batch_size: int, cache_dir, n_eval: int) -> tuple[GPT2LMHeadModel, dict]:
+                   batch_size: int, cache_dir, n_eval: int, horizon: int = 0) -> tuple[GPT2LMHeadModel, dict]:
     root = cache_root(cache_dir)
-    key = cache_key(kind, task, spec, steps=steps, seed=seed, lr=lr, batch_size=batch_size)
+    key = cache_key(kind, task, spec, steps=steps, seed=seed, lr=lr, batch_size=batch_size, horizon=horizon)
     weights, sidecar = root / f"{kind}-{key}.safetensors", root / f"{kind}-{key}.json"
     model = build_model(spec, task, seed)
     if sidecar.exists():                                   # the sidecar is written last: entry complete
@@ -287,12 +294,13 @@ def _load_or_train(kind: str, task: SortTask, spec: ModelSpec, *, steps: int, se
             model = build_model(spec, task, seed)          # a failed load may have written some tensors
 
     t0, cpu0 = time.perf_counter(), time.process_time()
-    losses = sft(model, task, steps=steps, batch_size=batch_size, lr=lr, seed=seed, desc=f"sft {kind}")
+    losses = sft(model, task, steps=steps, batch_size=batch_size, lr=lr, seed=seed, horizon=horizon,
+                 desc=f"sft {kind}")
     train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - cpu0   # CPU s: robust to busy cores
     accuracy = greedy_accuracy(model, task, task.make_prompts(n_eval, HELDOUT_SEED))
     info = dict(kind=kind, key=key, task=dataclasses.asdict(task), spec=dataclasses.asdict(spec),
-                n_params=n_params(model), steps=steps, seed=seed, lr=lr, batch_size=batch_size,
-                final_loss=losses[-1] if losses else None, accuracy=accuracy, n_eval=n_eval,
+                n_params=n_params(model), steps=steps, horizon=horizon or steps, seed=seed, lr=lr,
+                batch_size=batch_size, final_loss=losses[-1] if losses else None, accuracy=accuracy, n_eval=n_eval,
                 train_s=round(train_s, 2), train_cpu_s=round(train_cpu_s, 2),
                 torch_threads=torch.get_num_threads(), cache_version=CACHE_VERSION)
     log.info("trained %s %s: accuracy %.3f in %.1f s", kind, key, accuracy, train_s)
@@ -314,12 +322,12 @@ def load_or_train_teacher(task: SortTask = SortTask(), spec: ModelSpec = TEACHER
 
 def load_or_warmup_student(task: SortTask = SortTask(), spec: ModelSpec = STUDENT_SPEC, *,
                            steps: int = STUDENT_SFT["steps"], seed: int = 0, lr: float = STUDENT_SFT["lr"],
-                           batch_size: int = STUDENT_SFT["batch_size"], cache_dir=None,
-                           n_eval: int = 1000) -> tuple[GPT2LMHeadModel, dict]:
-    """The student after a short SFT warm-up: it samples well-formed answers but starts clearly below
-    the teacher, leaving room for distillation. Cached like the teacher."""
+                           batch_size: int = STUDENT_SFT["batch_size"], horizon: int = STUDENT_SFT["horizon"],
+                           cache_dir=None, n_eval: int = 1000) -> tuple[GPT2LMHeadModel, dict]:
+    """The student after an SFT warm-up of `steps` steps of a `horizon`-step schedule: it samples well-formed
+    answers but starts clearly below the teacher, leaving room for distillation. Cached like the teacher."""
     return _load_or_train("student", task, spec, steps=steps, seed=seed, lr=lr, batch_size=batch_size,
-                          cache_dir=cache_dir, n_eval=n_eval)
+                          cache_dir=cache_dir, n_eval=n_eval, horizon=horizon)
 
 
 if __name__ == "__main__":

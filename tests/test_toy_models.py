@@ -164,3 +164,26 @@ def test_truncated_cache_file_is_retrained(tmp_path, caplog):
     assert weights.read_bytes() == data                         # deterministic retrain rewrote the same file
     sd, sd2 = first.state_dict(), again.state_dict()
     assert all(torch.equal(sd[k], sd2[k]) for k in sd)
+
+
+def test_sft_horizon_stops_a_longer_schedule_partway():
+    """steps=k of a horizon-2k schedule is the first k steps of the 2k-step run: the same losses bit for bit
+    (same data, same lr per step), and a different model from the k-step run annealed over its own k steps."""
+    k = TINY_SFT["steps"] // 2
+    kw = {**TINY_SFT, "steps": k}
+    partial, annealed, full = (build_model(TINY_SPEC, TINY_TASK, seed=0) for _ in range(3))
+    losses_partial = sft(partial, TINY_TASK, seed=0, horizon=2 * k, **kw)
+    losses_full = sft(full, TINY_TASK, seed=0, **{**kw, "steps": 2 * k})
+    losses_annealed = sft(annealed, TINY_TASK, seed=0, **kw)
+    assert losses_partial == losses_full[:k] and losses_annealed != losses_partial
+    assert sft(build_model(TINY_SPEC, TINY_TASK, seed=0), TINY_TASK, seed=0, horizon=k, **kw) == losses_annealed
+    with pytest.raises(ValueError, match="horizon=3 must be 0 or >= steps"):
+        sft(annealed, TINY_TASK, seed=0, horizon=3, **kw)
+
+
+def test_cache_key_of_a_partway_student():
+    kw = dict(steps=800, seed=0, lr=3e-3, batch_size=128)
+    key = toy_models.cache_key("student", TINY_TASK, TINY_SPEC, **kw)
+    assert toy_models.cache_key("student", TINY_TASK, TINY_SPEC, horizon=0, **kw) == key     # annealed entries keep
+    assert toy_models.cache_key("student", TINY_TASK, TINY_SPEC, horizon=800, **kw) == key   # their old keys
+    assert toy_models.cache_key("student", TINY_TASK, TINY_SPEC, horizon=1500, **kw) != key

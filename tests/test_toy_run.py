@@ -119,6 +119,7 @@ def test_divergence_stops_with_message_and_keeps_last_checkpoint(model_cache, tm
     ("steps=0", "steps"), ("toy.lr=0", "lr"), ("exec=async", "exec"), ("toy.batch_size=0", "batch_size"),
     ("toy.head_dim=0", "head_dim"), ("toy.head_dim=48", "toy.head_dim=48 must divide toy.teacher_width=128"),
     ("toy.head_dim=128", "toy.head_dim=128 must divide toy.student_width=64"),
+    ("toy.student_warmup_horizon=10", "toy.student_warmup_horizon must be 0 or >= toy.student_warmup_steps, got 10"),
 ])
 def test_invalid_settings_rejected_naming_field(override, field):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
