@@ -20,6 +20,7 @@ from studies.cells import compare, markdown
 
 FORWARD, STALE, STABILISERS = "forward_kl_topk", "reverse_kl_stale", ("reverse_kl_stale_tis", "reverse_kl_stale_clip")
 RECOMPUTE = ("reverse_kl_recompute_tis", "reverse_kl_recompute")   # the seeds' surrogate, then the no-ratio ablation
+REVERSE_TOPK = "reverse_kl_topk"   # reverse KL summed over the behaviour's top-k: learner-time π_θ, no sampling noise
 GAP_TARGET = 0.4          # OPD "works" when it closes this fraction of the student–teacher gap on every seed
 
 
@@ -93,21 +94,24 @@ def gap_closed(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def opd_works(df: pd.DataFrame) -> str:
-    """Does OPD work at the lowest k: do the two required estimators each close ≥ GAP_TARGET of the gap on every
-    seed, with an accuracy gain beyond the noise band?"""
+    """Does OPD work at the lowest k: do the two required estimators (forward top-k, the seeds' 1-sample reverse KL
+    with recompute + TIS) each close ≥ GAP_TARGET of the gap on every seed, with an accuracy gain beyond the noise
+    band? The top-k reverse KL, when swept, is reported beside them (the same divergence without the 1-sample
+    estimator's noise), but does not decide the verdict."""
     gaps, init, n, k0 = gap_closed(df), initial(df), int(df.eval_prompts.iloc[0]), df.staleness.min()
     parts, ok = [], []
-    for e in (FORWARD, RECOMPUTE[0]):
+    for e in (FORWARD, RECOMPUTE[0], REVERSE_TOPK):
         g = gaps[gaps.estimator == e]
         if g.empty:
-            parts.append(f"{e} not in the sweep")
+            parts += [f"{e} not in the sweep"] if e != REVERSE_TOPK else []
             continue
         c, every = compare(g.final.to_numpy(), init.to_numpy(), n), bool((g["gap closed"] >= GAP_TARGET).all())
         lo, hi = (f"{100 * v:.0f}" for v in (g["gap closed"].min(), g["gap closed"].max()))
-        parts.append(f"{e} closes {lo if lo == hi else f'{lo}–{hi}'}% of the gap (every seed ≥ "
-                     f"{100 * GAP_TARGET:.0f}%: {'yes' if every else 'no'}; accuracy {100 * c[0]:+.1f} points, "
-                     f"noise band ±{100 * c[1]:.1f})")
-        ok.append(every and c[2] > 0)
+        parts.append(f"{e}{' (not required)' if e == REVERSE_TOPK else ''} closes {lo if lo == hi else f'{lo}–{hi}'}"
+                     f"% of the gap (every seed ≥ {100 * GAP_TARGET:.0f}%: {'yes' if every else 'no'}; accuracy "
+                     f"{100 * c[0]:+.1f} points, noise band ±{100 * c[1]:.1f})")
+        if e != REVERSE_TOPK:
+            ok.append(every and c[2] > 0)
     word = "no" if not all(ok) else "yes" if len(ok) == 2 else "not tested"
     return f"OPD works at k={k0}: {word}; " + "; ".join(parts) + "."
 

@@ -186,6 +186,9 @@ def test_gap_closed_and_the_opd_works_claim():
     assert works.startswith("OPD works at k=0: yes;")
     half = kd_report.opd_works(results({"forward_kl_topk": [[0.8, 0.7]]}))
     assert half.startswith("OPD works at k=0: not tested;") and "reverse_kl_recompute_tis not in the sweep" in half
+    with_topk = kd_report.opd_works(results({"forward_kl_topk": [[0.8, 0.7]], "reverse_kl_topk": [[0.9, 0.9]]}))
+    assert with_topk.startswith("OPD works at k=0: not tested;")     # the top-k reverse KL does not stand in
+    assert "; reverse_kl_topk (not required) closes 100% of the gap (every seed ≥ 40%: yes;" in with_topk
     report = kd_report.report(df)
     assert "| forward_kl_topk | 1 | 0.5 | 0.7 | 0.9 | 50.0% |" in report and "teacher 0.900" in report
 
