@@ -135,7 +135,8 @@ def plot(df: pd.DataFrame, out_dir: Path) -> None:
     for y, name, label in (("accuracy", "accuracy_vs_staleness.png", "final held-out greedy accuracy"),
                            ("eval_reverse_kl", "reverse_kl_vs_staleness.png", "final held-out KL(π_θ‖π_T)/token")):
         fig, ax = plt.subplots(figsize=(8, 4.5))
-        sns.pointplot(final, x="staleness", y=y, hue="estimator", order=ks, errorbar=("pi", 100), dodge=0.4, ax=ax)
+        sns.pointplot(final, x="staleness", y=y, hue="estimator", order=ks, errorbar=("pi", 100),
+                      dodge=0.4 if final.estimator.nunique() > 1 else False, ax=ax)   # seaborn divides by n − 1
         if y == "accuracy":
             ax.axhline(df[df.step == 0].accuracy.mean(), ls="--", c="gray", label="initial student")
             ax.axhline(df.teacher_accuracy.iloc[0], ls="--", c="black", label="teacher")

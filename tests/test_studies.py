@@ -193,6 +193,13 @@ def test_gap_closed_and_the_opd_works_claim():
     assert "| forward_kl_topk | 1 | 0.5 | 0.7 | 0.9 | 50.0% |" in report and "teacher 0.900" in report
 
 
+def test_plots_of_a_single_estimator_sweep(tmp_path):
+    """One estimator (seaborn's dodge divides by the number of hue levels − 1) and one staleness value."""
+    df = results({"reverse_kl_topk": [[0.8, 0.7]]}, ks=(0,))
+    kl_direction.plot(df, tmp_path)
+    assert all((tmp_path / name).stat().st_size > 0 for name in FIGURES)
+
+
 def test_k_half_table_and_the_lr_claim():
     stale = {3e-5: [[0.9, 0.9], [0.9, 0.9], [0.85, 0.85]],               # k½ > 8
              1e-4: [[0.9, 0.9], [0.8, 0.8], [0.5, 0.5]],                  # 2 + 0.1/0.3 × 6 = 4.0
