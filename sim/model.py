@@ -107,12 +107,16 @@ class _Sim:
         self.add_live(-len(uids))
         self.capacity_freed()
 
-    def wait_for_capacity(self, rid: int, n_running: int):
-        """Register a replica with room; the event fires when admission slots are handed to it."""
+    def wait_for_capacity(self, rid: int, n_running: int, timeout: float | None = None):
+        """Register a replica with room; the event fires when admission slots are handed to it, or after `timeout`
+        seconds (its segment's end), whichever comes first. One event with a timer callback, not `timeout | ev`:
+        a SimPy condition costs more than the rest of a segment."""
         ev = self.env.event()
         self.wait_ev[rid] = ev
         heapq.heappush(self.waiting, (n_running, self.seq, rid, ev))
         self.seq += 1
+        if timeout is not None:
+            self.env.timeout(timeout).callbacks.append(lambda _: ev.triggered or ev.succeed())
         if self.headroom() > 0:                          # freed while this replica was prefilling or scoring
             self.capacity_freed()
         return ev
@@ -135,7 +139,8 @@ class _Sim:
             if self.wait_ev.get(rid) is not ev:
                 continue                                 # stale: that replica's segment ended on its own
             del self.wait_ev[rid]
-            ev.succeed()
+            if not ev.triggered:                         # else its segment ended at this instant: it admits anyway
+                ev.succeed()
             free -= self.costs.max_batch - n_running
 
 
@@ -176,7 +181,7 @@ def rollout_replica(env, sim: _Sim, rid: int):
         sim.set_busy("rollout", rid, True)
         step, k, t0 = c.step_s(len(running)), min(r[0] for r in running), env.now
         if len(running) < c.max_batch:       # room: a freed admission slot may interrupt the segment
-            yield env.timeout(k * step) | sim.wait_for_capacity(rid, len(running))
+            yield sim.wait_for_capacity(rid, len(running), timeout=k * step)
             sim.wait_ev.pop(rid, None)
             j = min(k, _whole_iters(env.now - t0, step))
             if env.now < t0 + j * step:
