@@ -151,7 +151,9 @@ def _whole_iters(elapsed: float, step: float) -> int:
 
 
 def rollout_replica(env, sim: _Sim, rid: int):
-    c, P, running = sim.costs, sim.workload.prompt_len, []   # running: [remaining, uid, n_tokens, version, t_admit]
+    c, P = sim.costs, sim.workload.prompt_len
+    running: list = []            # heap of (iteration it ends at, uid, n_tokens, version, t_admit); uid breaks ties
+    it = 0                        # iterations this replica has decoded: a segment costs O(log n), not O(n)
     scores_here = sim.cluster.placement == "teacher_with_rollout"
     finished: list[Trajectory] = []                          # teacher_with_rollout: waiting to be scored here
     while True:
@@ -169,17 +171,18 @@ def rollout_replica(env, sim: _Sim, rid: int):
             (uid, w), n = admitted, sim.workload.length.sample(sim.rng)
             sim.admit_t[uid] = env.now
             sim.add_live(+1)
-            new.append([n, uid, n, w, env.now])
+            new.append((n, uid, w, env.now))
         if new and P * c.prefill_s_per_token > 0:
             sim.set_busy("rollout", rid, True)
             yield env.timeout(len(new) * P * c.prefill_s_per_token)
-        running += new
+        for n, uid, w, t_admit in new:
+            heapq.heappush(running, (it + n, uid, n, w, t_admit))
         if not running:
             sim.set_busy("rollout", rid, False)
             yield sim.wait_for_capacity(rid, 0)
             continue
         sim.set_busy("rollout", rid, True)
-        step, k, t0 = c.step_s(len(running)), min(r[0] for r in running), env.now
+        step, k, t0 = c.step_s(len(running)), running[0][0] - it, env.now
         if len(running) < c.max_batch:       # room: a freed admission slot may interrupt the segment
             yield sim.wait_for_capacity(rid, len(running), timeout=k * step)
             sim.wait_ev.pop(rid, None)
@@ -189,13 +192,12 @@ def rollout_replica(env, sim: _Sim, rid: int):
         else:
             yield env.timeout(k * step)
             j = k
-        for r in running:
-            r[0] -= j
-        for _, uid, n, w, t_admit in [r for r in running if r[0] == 0]:
+        it += j
+        while running and running[0][0] == it:
+            _, uid, n, w, t_admit = heapq.heappop(running)
             sim.rec.span("rollout", t_admit, worker=rid, uid=uid, version=w, tokens=n)
             traj = Trajectory.fake(uid, n, w)
             finished.append(traj) if scores_here else sim.teacher_queue.put(traj)
-        running = [r for r in running if r[0] > 0]
 
 
 def score(env, sim: _Sim, trajs: list[Trajectory], worker: int):

@@ -81,8 +81,9 @@ def run(cfg: SimConfig, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     ops: list | None = [] if cfg.schedule else None
     events, summary = simulate(cfg.cluster, cfg.costs, cfg.workload, cfg.scheduler, cfg.steps, cfg.seed, ops_out=ops)
-    trace.write(events, out_dir / "trace.csv")
-    trace.to_perfetto(events, out_dir / "trace.json")
+    frame = trace.to_frame(events)                     # once for both files
+    trace.write(frame, out_dir / "trace.csv")
+    trace.to_perfetto(frame, out_dir / "trace.json")
     hist = trace.staleness_hist(summary["staleness_hist"])
     atomic_write(out_dir / "staleness_hist.csv", lambda tmp: hist.to_csv(tmp, index=False))
     if ops is not None:

@@ -168,7 +168,8 @@ def test_trace_is_checked_for_what_the_fits_need(tmp_path):
         with pytest.raises(ValueError) as e:
             calibrate(*load_run(tmp_path), CalibrateConfig(warmup_steps=0))
         assert str(e.value) == f"{trace_file}: {message}"
-    trace_file.write_text(trace_file.read_text().replace("\n0.0,", "\nzero,", 1))   # corrupted: read's message
+    header, first, rest = trace_file.read_text().split("\n", 2)
+    trace_file.write_text("\n".join([header, "zero," + first.split(",", 1)[1], rest]))   # corrupted: read's message
     p = cli(tmp_path, tmp_path / "cal")
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert p.stderr.strip() == f"sim.calibrate: {trace_file}: column 't' must hold finite numbers; row 0 (line 2) has 'zero'"
