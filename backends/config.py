@@ -77,7 +77,7 @@ class ToyConfig:
                 ("eval_prompts", self.eval_prompts >= 1, ">= 1"), ("ckpt_every", self.ckpt_every >= 1, ">= 1"),
                 ("threads", self.threads >= 0, ">= 0"), ("teacher_steps", self.teacher_steps >= 1, ">= 1"),
                 ("student_warmup_steps", self.student_warmup_steps >= 0, ">= 0"), ("sft_lr", self.sft_lr > 0, "> 0"),
-                ("student_warmup_horizon", self.student_warmup_horizon in (0,) or
+                ("student_warmup_horizon", self.student_warmup_horizon == 0 or
                  self.student_warmup_horizon >= self.student_warmup_steps, "0 or >= toy.student_warmup_steps"),
                 ("head_dim", self.head_dim >= 1, ">= 1"),
                 ("mixture_frac", 0 <= self.mixture_frac < 1, "in [0, 1)")):

@@ -273,14 +273,14 @@ def cache_key(kind: str, task: SortTask, spec: ModelSpec, *, steps: int, seed: i
               batch_size: int, horizon: int = 0) -> str:
     fields = dict(kind=kind, task=dataclasses.asdict(task), spec=dataclasses.asdict(spec), steps=steps,
                   seed=seed, lr=lr, batch_size=batch_size, cache_version=CACHE_VERSION)
-    if horizon and horizon != steps:                       # keys of annealed models stay what they were
+    if horizon not in (0, steps):                          # keys of annealed models stay what they were
         fields["horizon"] = horizon
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _load_or_train(kind: str, task: SortTask, spec: ModelSpec, *, steps: int, seed: int, lr: float,
                    batch_size: int, cache_dir, n_eval: int, horizon: int = 0) -> tuple[GPT2LMHeadModel, dict]:
-    root = cache_root(cache_dir)
+    root, horizon = cache_root(cache_dir), horizon or steps
     key = cache_key(kind, task, spec, steps=steps, seed=seed, lr=lr, batch_size=batch_size, horizon=horizon)
     weights, sidecar = root / f"{kind}-{key}.safetensors", root / f"{kind}-{key}.json"
     model = build_model(spec, task, seed)
@@ -299,7 +299,7 @@ def _load_or_train(kind: str, task: SortTask, spec: ModelSpec, *, steps: int, se
     train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - cpu0   # CPU s: robust to busy cores
     accuracy = greedy_accuracy(model, task, task.make_prompts(n_eval, HELDOUT_SEED))
     info = dict(kind=kind, key=key, task=dataclasses.asdict(task), spec=dataclasses.asdict(spec),
-                n_params=n_params(model), steps=steps, horizon=horizon or steps, seed=seed, lr=lr,
+                n_params=n_params(model), steps=steps, horizon=horizon, seed=seed, lr=lr,
                 batch_size=batch_size, final_loss=losses[-1] if losses else None, accuracy=accuracy, n_eval=n_eval,
                 train_s=round(train_s, 2), train_cpu_s=round(train_cpu_s, 2),
                 torch_threads=torch.get_num_threads(), cache_version=CACHE_VERSION)

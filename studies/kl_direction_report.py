@@ -100,17 +100,17 @@ def opd_works(df: pd.DataFrame) -> str:
     estimator's noise), but does not decide the verdict."""
     gaps, init, n, k0 = gap_closed(df), initial(df), int(df.eval_prompts.iloc[0]), df.staleness.min()
     parts, ok = [], []
-    for e in (FORWARD, RECOMPUTE[0], REVERSE_TOPK):
+    for e, required in ((FORWARD, True), (RECOMPUTE[0], True), (REVERSE_TOPK, False)):
         g = gaps[gaps.estimator == e]
         if g.empty:
-            parts += [f"{e} not in the sweep"] if e != REVERSE_TOPK else []
+            parts += [f"{e} not in the sweep"] if required else []
             continue
         c, every = compare(g.final.to_numpy(), init.to_numpy(), n), bool((g["gap closed"] >= GAP_TARGET).all())
         lo, hi = (f"{100 * v:.0f}" for v in (g["gap closed"].min(), g["gap closed"].max()))
-        parts.append(f"{e}{' (not required)' if e == REVERSE_TOPK else ''} closes {lo if lo == hi else f'{lo}–{hi}'}"
+        parts.append(f"{e}{'' if required else ' (not required)'} closes {lo if lo == hi else f'{lo}–{hi}'}"
                      f"% of the gap (every seed ≥ {100 * GAP_TARGET:.0f}%: {'yes' if every else 'no'}; accuracy "
                      f"{100 * c[0]:+.1f} points, noise band ±{100 * c[1]:.1f})")
-        if e != REVERSE_TOPK:
+        if required:
             ok.append(every and c[2] > 0)
     word = "no" if not all(ok) else "yes" if len(ok) == 2 else "not tested"
     return f"OPD works at k={k0}: {word}; " + "; ".join(parts) + "."
