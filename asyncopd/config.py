@@ -38,7 +38,17 @@ TAILS = ("bucket", "renorm", "none")                                  # top-k ta
 SIGNALS = ("recompute", "stale")                                      # reverse_kl_sampled's signal
 CORRECTIONS = ("none", "is", "tis", "clip", "decoupled", "m2po")      # ... its off-policy correction
 BASELINES = ("none", "vcpo")                                          # ... its baseline
-DEFAULT_CHUNK_SIZE = 1024  # rows per chunk: ~4·1024·V bytes of fp32 temporaries (0.6 GiB at V = 150k)
+DEFAULT_CHUNK_BYTES = 32 * 2**20   # bytes of one fp32 [rows, V] chunk block (see chunk_rows)
+
+
+def chunk_rows(vocab: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Rows per vocabulary chunk: the most rows whose fp32 [rows, V] block fits in chunk_bytes, at least 1.
+
+    A chunk's row function holds a few such blocks at once (the logits' exp, log-probs, their gradient), so
+    an estimator's memory beyond its one [N, V] gradient is a small multiple of chunk_bytes, whatever N and
+    V are: 32 MiB is 256 rows at V = 32768, 55 at V = 152064 (benchmarks/loss_memory.py measures the peak).
+    Smaller chunks cost time only through per-chunk overhead (a few kernel launches per chunk)."""
+    return max(1, chunk_bytes // (4 * vocab))
 TRAINABLE = ("forward_kl_topk", "reverse_kl_topk", "reverse_kl_sampled", "reverse_kl_mc")  # need no full logits
 
 
@@ -57,7 +67,7 @@ class ObjectiveConfig:
     n_samples: int = 4                   # reverse_kl_mc: sampler draws per position, >= 1
     self_normalize: bool = True          # reverse_kl_mc with a stale sampler: self-normalised IS
     ref_kl_coef: float = 0.0             # StableOPD divergence-to-reference weight, >= 0 (0 = off)
-    chunk_size: int = DEFAULT_CHUNK_SIZE # rows per vocabulary chunk, >= 1
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES  # bytes of one fp32 [rows, V] vocabulary chunk (chunk_rows), >= 1
     baseline: str = "none"               # reverse_kl_sampled: none | vcpo (VCPO's off-policy optimal baseline)
 
     def __post_init__(self):
@@ -71,7 +81,7 @@ class ObjectiveConfig:
                                ("clip_eps", 0 < self.clip_eps < 1, "in (0, 1)"),
                                ("m2po_tau", self.m2po_tau > 0, "> 0"), ("n_samples", self.n_samples >= 1, ">= 1"),
                                ("ref_kl_coef", self.ref_kl_coef >= 0, ">= 0"),
-                               ("chunk_size", self.chunk_size >= 1, ">= 1")):
+                               ("chunk_bytes", self.chunk_bytes >= 1, ">= 1")):
             if not ok:
                 raise ValueError(f"ObjectiveConfig.{name} must be {rule}, got {getattr(self, name)!r}")
         if self.baseline != "none" and self.estimator != "reverse_kl_sampled":

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from asyncopd.cache import TeacherScores
-from asyncopd.config import TRAINABLE, ObjectiveConfig   # defined torch-free there; importable from here too
+from asyncopd.config import TRAINABLE, ObjectiveConfig, chunk_rows   # torch-free there; ObjectiveConfig importable here too
 from asyncopd.estimators import (EstimatorOut, forward_kl_topk, logit_grad_sq, reference_kl_penalty, reverse_kl_mc,
                                  reverse_kl_sampled, reverse_kl_topk, token_logp)
 
@@ -70,7 +70,7 @@ def vocab_term(cfg: ObjectiveConfig, student_logits: torch.Tensor, cache: dict[s
     """A vocabulary estimator (forward_kl_topk, reverse_kl_topk, reverse_kl_mc) on student_logits [N, V] (grad),
     cache from `flat_inputs`, mask [N] bool. The loss and metrics are masked token means of a per-token term,
     so a caller may run it on row chunks and combine the chunks with weights n_c / N."""
-    c = cfg.chunk_size
+    c = chunk_rows(student_logits.shape[-1], cfg.chunk_bytes)
     if cfg.estimator == "forward_kl_topk":
         return forward_kl_topk(student_logits, cache["topk_ids"], cache["topk_logp"], mask, tail=cfg.tail,
                                chunk_size=c)
@@ -104,7 +104,7 @@ def opd_loss(cfg: ObjectiveConfig, student_logits: torch.Tensor, response_ids: t
     cache from `flat_inputs`, mask [N] bool, behav_logp [N] (rollout-time log π_β), ref_logp [N] (reference
     model on the sampled tokens; needed iff ref_kl_coef > 0). Returns the loss and the estimator's metrics,
     plus `ref_kl` with the reference term: sampled_term or vocab_term, then add_reference_penalty."""
-    c = cfg.chunk_size
+    c = chunk_rows(student_logits.shape[-1], cfg.chunk_bytes)
     needs_theta = cfg.estimator == "reverse_kl_sampled" or cfg.ref_kl_coef > 0
     theta = token_logp(student_logits, response_ids, mask, chunk_size=c) if needs_theta else None  # [N]
     if cfg.estimator == "reverse_kl_sampled":

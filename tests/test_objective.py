@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from asyncopd.cache import TeacherScores
-from asyncopd.estimators import forward_kl_exact, logit_grad_sq, reverse_kl_exact, token_logp
+from asyncopd.estimators import chunk_rows, forward_kl_exact, logit_grad_sq, reverse_kl_exact, token_logp
 from asyncopd.objective import (TRAINABLE, ObjectiveConfig, add_reference_penalty, cache_layout, flat_inputs, opd_loss,
                                 sampled_term, vocab_term)
 
@@ -47,7 +47,7 @@ def test_cache_layout_per_estimator():
 def test_forward_topk_with_full_support_equals_exact(case):
     student, teacher, ids, mask = case
     cache = flat_inputs(scores_from_full(teacher, ids, k=V))
-    out = opd_loss(ObjectiveConfig("forward_kl_topk", topk=V, chunk_size=2), student, ids, cache, mask)
+    out = opd_loss(ObjectiveConfig("forward_kl_topk", topk=V, chunk_bytes=2 * 4 * V), student, ids, cache, mask)
     ref = forward_kl_exact(student, teacher, mask)
     g1, = torch.autograd.grad(out.loss, student)
     g2, = torch.autograd.grad(ref.loss, student)
@@ -108,11 +108,12 @@ def test_reference_penalty_adds_coef_times_k3(case):
 
 
 COMPOSED = {   # every TRAINABLE estimator, the sampled one with a correction and with VCPO's baseline
-    "forward_kl_topk": ObjectiveConfig("forward_kl_topk", topk=2, tail="renorm", chunk_size=3),
-    "reverse_kl_topk": ObjectiveConfig("reverse_kl_topk", topk=3, chunk_size=2),
+    "forward_kl_topk": ObjectiveConfig("forward_kl_topk", topk=2, tail="renorm", chunk_bytes=3 * 4 * V),
+    "reverse_kl_topk": ObjectiveConfig("reverse_kl_topk", topk=3, chunk_bytes=2 * 4 * V),
     "reverse_kl_sampled": ObjectiveConfig("reverse_kl_sampled", signal="stale", correction="m2po", m2po_tau=0.01),
-    "reverse_kl_sampled_vcpo": ObjectiveConfig("reverse_kl_sampled", correction="tis", baseline="vcpo", chunk_size=2),
-    "reverse_kl_mc": ObjectiveConfig("reverse_kl_mc", n_samples=4, chunk_size=4),
+    "reverse_kl_sampled_vcpo": ObjectiveConfig("reverse_kl_sampled", correction="tis", baseline="vcpo",
+                                               chunk_bytes=2 * 4 * V),
+    "reverse_kl_mc": ObjectiveConfig("reverse_kl_mc", n_samples=4, chunk_bytes=4 * 4 * V),
 }
 assert {c.estimator for c in COMPOSED.values()} == set(TRAINABLE)
 
@@ -136,7 +137,7 @@ def test_opd_loss_is_the_composition_of_its_three_pieces(case, name, ref_kl_coef
     got = opd_loss(cfg, student, ids, cache, mask, behav_logp=behav, ref_logp=ref_logp)
     got_grad, = torch.autograd.grad(got.loss, student)
 
-    c = cfg.chunk_size
+    c = chunk_rows(V, cfg.chunk_bytes)
     theta = token_logp(student, ids, mask, chunk_size=c)
     if cfg.estimator == "reverse_kl_sampled":
         grad_sq = logit_grad_sq(student, ids, mask, chunk_size=c) if cfg.baseline == "vcpo" else None
@@ -172,7 +173,7 @@ def test_token_logp_chunked_matches_log_softmax(case):
     (dict(estimator="forward_kl_exact"), "estimator"), (dict(tail="top"), "tail"), (dict(signal="old"), "signal"),
     (dict(correction="vtrace"), "correction"), (dict(topk=0), "topk"), (dict(is_cap=1.0), "is_cap"),
     (dict(clip_eps=1.5), "clip_eps"), (dict(n_samples=0), "n_samples"), (dict(ref_kl_coef=-1.0), "ref_kl_coef"),
-    (dict(estimator="reverse_kl_mc", n_samples=1), "n_samples"), (dict(chunk_size=0), "chunk_size"),
+    (dict(estimator="reverse_kl_mc", n_samples=1), "n_samples"), (dict(chunk_bytes=0), "chunk_bytes"),
 ])
 def test_config_validation_names_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

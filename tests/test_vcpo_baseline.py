@@ -156,7 +156,7 @@ def test_opd_loss_passes_the_config_baseline_with_logit_score_norms():
     teacher_logp = -torch.rand(7, generator=g) * 3
     behav = logits.detach().log_softmax(-1).gather(1, ids[:, None]).squeeze(1) + torch.randn(7, generator=g) * 0.3
     cache = flat_inputs([TeacherScores(sampled_logp=teacher_logp[:3]), TeacherScores(sampled_logp=teacher_logp[3:])])
-    cfg = ObjectiveConfig("reverse_kl_sampled", signal="stale", correction="tis", baseline="vcpo", chunk_size=2)
+    cfg = ObjectiveConfig("reverse_kl_sampled", signal="stale", correction="tis", baseline="vcpo", chunk_bytes=2 * 4 * 5)
     out = opd_loss(cfg, logits, ids, cache, ones(7), behav_logp=behav)
     theta = token_logp(logits, ids, ones(7))
     s = logit_grad_sq(logits, ids, ones(7))

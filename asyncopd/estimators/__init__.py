@@ -10,8 +10,8 @@ Pick an estimator by name with the literal dict `ESTIMATORS` (no registry). Each
 run loop still branches on which cache fields it passes; the dict only turns a config string into a function.
 """
 
+from asyncopd.config import DEFAULT_CHUNK_BYTES, chunk_rows
 from asyncopd.estimators.kl import (
-    DEFAULT_CHUNK_SIZE,
     LOG_RATIO_GUARD,
     TAILS,
     EstimatorOut,
@@ -49,8 +49,9 @@ ESTIMATORS = {
 }
 
 __all__ = [
-    "BASELINES", "CORRECTIONS", "DEFAULT_CHUNK_SIZE", "ESTIMATORS", "LOG_RATIO_GUARD", "SIGNALS", "TAILS", "EstimatorOut",
+    "BASELINES", "CORRECTIONS", "DEFAULT_CHUNK_BYTES", "ESTIMATORS", "LOG_RATIO_GUARD", "SIGNALS", "TAILS", "EstimatorOut",
     "forward_kl_exact", "forward_kl_topk", "logit_grad_sq", "ngram_repetition", "reference_kl_exact", "reference_kl_penalty",
-    "reverse_kl_exact", "reverse_kl_mc", "reverse_kl_sampled", "reverse_kl_topk", "token_logp", "truncation_rate",
+    "chunk_rows", "reverse_kl_exact", "reverse_kl_mc", "reverse_kl_sampled", "reverse_kl_topk", "token_logp",
+    "truncation_rate",
     "vcpo_baseline", "vcpo_ess", "vcpo_lr_scale",
 ]

@@ -7,7 +7,11 @@ time under `no_grad` and saves only the inputs; its backward recomputes each row
 and writes `torch.autograd.grad` of that chunk into one preallocated `grad_logits` buffer. Peak extra
 memory is therefore the gradient itself plus a few `[chunk_size, V]` temporaries (torchtune's chunked KD
 loss chunks the same way, but over the sequence of an unmaterialised lm_head; here the caller owns the
-logits). Teacher-side tensors are constants: no gradient flows into them.
+logits). Teacher-side tensors are constants: no gradient flows into them. Chunks are sized in bytes: by
+default (chunk_size=None) a chunk is `chunk_rows(V)` rows, the most whose fp32 [rows, V] block fits in
+DEFAULT_CHUNK_BYTES (32 MiB), so the temporaries stay bounded whatever N and V are; chunk_size=0 runs the
+unchunked reference (plain autograd over the whole batch) that the parity tests and the memory benchmark
+compare with. `python benchmarks/loss_memory.py` measures every estimator's peak against it.
 
 Conventions (shared with `policy_gradient.py` and `stability.py`): inputs are flattened per token; `mask`
 `[N]` bool selects the tokens that count; every estimator returns `EstimatorOut(loss, metrics)` where
@@ -27,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.autograd.function import once_differentiable
 
-from asyncopd.config import DEFAULT_CHUNK_SIZE, TAILS   # torch-free, beside ObjectiveConfig that offers them
+from asyncopd.config import TAILS, chunk_rows   # torch-free, beside ObjectiveConfig that offers them
 LOG_RATIO_GUARD = 20.0     # |log-ratio| clamp before exp() (e^20 ≈ 4.9e8); shared with policy_gradient.py
 # A tail mass that rounds to exactly 0 (empty complement, or a teacher whose support mass rounds to 1) is
 # read as the smallest normal float32 mass: finite loss, and the right sign of gradient, instead of inf.
@@ -52,15 +56,20 @@ def _check_rows(name: str, t: torch.Tensor, n: int, ndim: int) -> None:
         raise ValueError(f"{name} must be {ndim}-D with {n} rows (tokens), got shape {tuple(t.shape)}")
 
 
-def _check_common(student_logits, mask, chunk_size) -> int:
+def _check_common(student_logits, mask, chunk_size) -> tuple[int, int]:
+    """(N, rows per chunk): chunk_size None → `chunk_rows(V)` (DEFAULT_CHUNK_BYTES per fp32 [rows, V] block);
+    0 → unchunked (see `_row_chunked`); else that many rows."""
     if student_logits.dim() != 2:
         raise ValueError(f"student_logits must be [N, V], got shape {tuple(student_logits.shape)}")
     n = student_logits.shape[0]
     if mask.dtype != torch.bool or mask.shape != (n,):
         raise ValueError(f"mask must be bool [N]={n}, got {mask.dtype} {tuple(mask.shape)}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    return n
+    if chunk_size is None:
+        return n, chunk_rows(student_logits.shape[1])
+    if chunk_size < 0:
+        raise ValueError(f"chunk_size must be >= 0 rows (0 = unchunked, None = by DEFAULT_CHUNK_BYTES), "
+                         f"got {chunk_size}")
+    return n, chunk_size
 
 
 def _check_tail(tail: str) -> None:
@@ -91,7 +100,7 @@ def _log_tail(x: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor) -> torch.Te
     all-−inf row) never runs on them."""
     rest = x.scatter(1, ids, float("-inf"))                       # [n, V] copy, support removed
     has_tail = (rest > float("-inf")).any(-1)                     # [n]
-    rest = torch.where(has_tail[:, None], rest, 0.0)
+    rest.masked_fill_(~has_tail[:, None], 0.0)                    # in place: scatter's backward keeps no output
     return torch.where(has_tail, torch.logsumexp(rest, -1) - lse, LOG_TINY)
 
 
@@ -143,11 +152,18 @@ class _RowChunked(torch.autograd.Function):
                 x = logits[s:e].detach().requires_grad_(True)        # [c, V] view, a leaf for this chunk
                 r, _ = ctx.row_fn(x, *(o[s:e] for o in others))
                 (g,) = torch.autograd.grad(r, x, torch.where(m, grad_rows[s:e], 0.0))
-            grad_logits[s:e] = torch.where(m[:, None], g, 0.0)       # masked rows may hold nan: drop them
+            grad_logits[s:e] = g.masked_fill_(~m[:, None], 0.0)     # masked rows may hold nan: drop them
+            del g                                                    # before the next chunk's temporaries
         return (None, None, None, None, grad_logits, *([None] * ctx.n_others))
 
 
 def _row_chunked(row_fn, n_aux, chunk_size, mask, logits, *others):
+    """`_RowChunked` for chunk_size ≥ 1 rows. chunk_size = 0 is the unchunked reference: row_fn on the whole
+    [N, V] batch under plain autograd, which keeps every [N, V] temporary for backward (the "naive" of
+    benchmarks/loss_memory.py and the parity tests; masked rows must then hold finite values)."""
+    if chunk_size == 0:
+        rows, aux = row_fn(logits, *others)
+        return torch.where(mask, rows, 0.0), torch.where(mask[:, None], aux, 0.0).detach()
     return _RowChunked.apply(row_fn, n_aux, chunk_size, mask, logits, *others)
 
 
@@ -155,12 +171,12 @@ def _no_aux(x: torch.Tensor) -> torch.Tensor:
     return x.new_zeros(x.shape[0], 0)
 
 
-def token_logp(logits, ids, mask, *, chunk_size=DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+def token_logp(logits, ids, mask, *, chunk_size=None) -> torch.Tensor:
     """log softmax(logits)[n, ids[n]] per row, [N] fp32, differentiable w.r.t. logits [N, V].
 
     The learner-time log π_θ(y_t) that reverse_kl_sampled and the reference penalty take. Chunked like the
     estimators, so neither forward nor backward holds more than one [chunk, V] log-softmax. Masked rows give 0."""
-    N = _check_common(logits, mask, chunk_size)
+    N, chunk_size = _check_common(logits, mask, chunk_size)
     _check_rows("ids", ids, N, 1)
 
     def rows(x, y):
@@ -174,7 +190,7 @@ def token_logp(logits, ids, mask, *, chunk_size=DEFAULT_CHUNK_SIZE) -> torch.Ten
 
 def _exact_kl(student_logits, teacher_logits, mask, chunk_size, *, student_weighted: bool) -> EstimatorOut:
     """Σ_v w(v) [log w(v) − log u(v)] per row, w = π_θ (reverse) or π_T (forward), the other one u."""
-    N = _check_common(student_logits, mask, chunk_size)
+    N, chunk_size = _check_common(student_logits, mask, chunk_size)
     _check_rows("teacher_logits", teacher_logits, N, 2)
 
     def rows(x, t):
@@ -188,7 +204,7 @@ def _exact_kl(student_logits, teacher_logits, mask, chunk_size, *, student_weigh
     return EstimatorOut(loss, {"kl": loss.item()})
 
 
-def forward_kl_exact(student_logits, teacher_logits, mask, *, chunk_size=DEFAULT_CHUNK_SIZE) -> EstimatorOut:
+def forward_kl_exact(student_logits, teacher_logits, mask, *, chunk_size=None) -> EstimatorOut:
     """Exact forward KL per token, KL(π_T‖π_θ) = Σ_v π_T(v) [log π_T(v) − log π_θ(v)]. Inputs [N, V], mask [N].
 
     Gradient w.r.t. the student logits: softmax(student) − softmax(teacher) per row (cross-entropy to the
@@ -199,7 +215,7 @@ def forward_kl_exact(student_logits, teacher_logits, mask, *, chunk_size=DEFAULT
     return _exact_kl(student_logits, teacher_logits, mask, chunk_size, student_weighted=False)
 
 
-def reverse_kl_exact(student_logits, teacher_logits, mask, *, chunk_size=DEFAULT_CHUNK_SIZE) -> EstimatorOut:
+def reverse_kl_exact(student_logits, teacher_logits, mask, *, chunk_size=None) -> EstimatorOut:
     """Exact reverse KL per token, KL(π_θ‖π_T) = Σ_v π_θ(v) [log π_θ(v) − log π_T(v)]. Inputs [N, V], mask [N].
 
     Gradient (through the student only): ∂/∂z_v = π_θ(v) [d_v − Σ_u π_θ(u) d_u], d = log π_θ − log π_T.
@@ -212,7 +228,7 @@ def reverse_kl_exact(student_logits, teacher_logits, mask, *, chunk_size=DEFAULT
 # --- sparse top-k ---------------------------------------------------------------------------------------
 
 def forward_kl_topk(student_logits, teacher_topk_ids, teacher_topk_logp, mask, *, tail="bucket",
-                    chunk_size=DEFAULT_CHUNK_SIZE) -> EstimatorOut:
+                    chunk_size=None) -> EstimatorOut:
     """Forward KL(π_T‖π_θ) on the teacher's top-k support S. ids [N, k] int64 (unique per row), logp [N, k].
 
     `teacher_topk_logp` are full-vocabulary log-probs (Σ_S e^logp = Q ≤ 1); P = Σ_S π_θ is the student's
@@ -234,7 +250,7 @@ def forward_kl_topk(student_logits, teacher_topk_ids, teacher_topk_logp, mask, *
     follows DESIGN.md.
 
     metrics: kl, teacher_tail_mass_mean (1 − Q), student_tail_mass_mean (1 − P)."""
-    N = _check_common(student_logits, mask, chunk_size)
+    N, chunk_size = _check_common(student_logits, mask, chunk_size)
     _check_tail(tail)
     _check_rows("teacher_topk_ids", teacher_topk_ids, N, 2)
     _check_rows("teacher_topk_logp", teacher_topk_logp, N, 2)
@@ -266,7 +282,7 @@ def forward_kl_topk(student_logits, teacher_topk_ids, teacher_topk_logp, mask, *
 
 
 def reverse_kl_topk(student_logits, support_ids, teacher_support_logp, mask, *, tail="bucket",
-                    chunk_size=DEFAULT_CHUNK_SIZE) -> EstimatorOut:
+                    chunk_size=None) -> EstimatorOut:
     """Reverse KL(π_θ‖π_T) on a finite support S, e.g. the student's top-k captured at rollout time.
 
     support_ids [N, k] int64 (unique per row); teacher_support_logp [N, k] the teacher's full-vocabulary
@@ -285,7 +301,7 @@ def reverse_kl_topk(student_logits, support_ids, teacher_support_logp, mask, *, 
     KL (Agarwal et al. 2024; Gu et al. 2024) restricted to a sparse support as in DESIGN.md.
 
     metrics: kl, teacher_tail_mass_mean (1 − Q), student_tail_mass_mean (1 − P)."""
-    N = _check_common(student_logits, mask, chunk_size)
+    N, chunk_size = _check_common(student_logits, mask, chunk_size)
     _check_tail(tail)
     _check_rows("support_ids", support_ids, N, 2)
     _check_rows("teacher_support_logp", teacher_support_logp, N, 2)
@@ -320,7 +336,7 @@ def reverse_kl_topk(student_logits, support_ids, teacher_support_logp, mask, *, 
 # --- multi-sample Monte Carlo ---------------------------------------------------------------------------
 
 def reverse_kl_mc(student_logits, sample_ids, teacher_sample_logp, mask, *, sample_logp=None,
-                  self_normalize=True, chunk_size=DEFAULT_CHUNK_SIZE) -> EstimatorOut:
+                  self_normalize=True, chunk_size=None) -> EstimatorOut:
     """M-sample Monte-Carlo reverse KL(π_θ‖π_T) per position. sample_ids, teacher_sample_logp [N, M].
 
     Per sample f_m = log π_θ(y_m) − log π_T(y_m) (π_θ from the current logits, detached inside f).
@@ -345,7 +361,7 @@ def reverse_kl_mc(student_logits, sample_ids, teacher_sample_logp, mask, *, samp
 
     metrics: kl, ess_frac (mean over tokens of ESS/M of the weights; 1 on-policy), rho_mean (mean w),
     guard_frac (fraction of samples whose |log w| hit LOG_RATIO_GUARD; unnormalised IS only)."""
-    N = _check_common(student_logits, mask, chunk_size)
+    N, chunk_size = _check_common(student_logits, mask, chunk_size)
     _check_rows("sample_ids", sample_ids, N, 2)
     _check_rows("teacher_sample_logp", teacher_sample_logp, N, 2)
     M = sample_ids.shape[1]

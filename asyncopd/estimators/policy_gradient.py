@@ -20,7 +20,7 @@ import math
 import torch
 
 from asyncopd.config import BASELINES, CORRECTIONS, SIGNALS   # torch-free, beside ObjectiveConfig that offers them
-from asyncopd.estimators.kl import DEFAULT_CHUNK_SIZE, LOG_RATIO_GUARD, EstimatorOut, _check_common, _masked_mean
+from asyncopd.estimators.kl import LOG_RATIO_GUARD, EstimatorOut, _check_common, _masked_mean
 
 
 # --- VCPO -----------------------------------------------------------------------------------------------
@@ -72,7 +72,7 @@ def vcpo_baseline(weight: torch.Tensor, reward: torch.Tensor, mask: torch.Tensor
 
 
 def logit_grad_sq(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, *,
-                  chunk_size: int = DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+                  chunk_size: int | None = None) -> torch.Tensor:
     """‖∇_z log softmax(z)_y‖² = ‖e_y − p‖² = 1 − 2 p_y + Σ_v p_v² per token: [N] fp32 in [0, 2], no gradient.
 
     The squared norm of the score function with respect to the token's logits z: the part of
@@ -80,7 +80,8 @@ def logit_grad_sq(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, *
     layer norm). A one-pass proxy for VCPO's per-sample gradient norm, which would need a backward pass per
     token. 0 when π puts all its mass on y, largest for confident wrong guesses. Chunked over rows like the
     estimators (one [chunk, V] softmax at a time); masked rows give 0."""
-    N = _check_common(logits, mask, chunk_size)
+    N, chunk_size = _check_common(logits, mask, chunk_size)
+    chunk_size = chunk_size or N                                  # 0: unchunked, one block of every row
     if ids.shape != (N,):
         raise ValueError(f"ids must be [N]={N}, got {tuple(ids.shape)}")
     out = logits.new_zeros(N, dtype=torch.float32)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from asyncopd.estimators.kl import (DEFAULT_CHUNK_SIZE, LOG_RATIO_GUARD, EstimatorOut, _masked_mean,
+from asyncopd.estimators.kl import (LOG_RATIO_GUARD, EstimatorOut, _masked_mean,
                                    reverse_kl_exact)
 
 
@@ -93,7 +93,7 @@ def reference_kl_penalty(student_logp, ref_logp, mask) -> EstimatorOut:
                                                           mask).item()})
 
 
-def reference_kl_exact(student_logits, ref_logits, mask, *, chunk_size=DEFAULT_CHUNK_SIZE) -> EstimatorOut:
+def reference_kl_exact(student_logits, ref_logits, mask, *, chunk_size=None) -> EstimatorOut:
     """Exact KL(π_θ‖π_ref) from full logits [N, V], chunked over rows: `reverse_kl_exact` with the reference
     in the teacher's place. Bias 0, variance 0; costs one reference forward pass with full logits."""
     return reverse_kl_exact(student_logits, ref_logits, mask, chunk_size=chunk_size)
