@@ -29,7 +29,10 @@ Semantics (see the tests in tests/test_toy_engine.py):
   and values; with `"recompute"` the prefixes of running sequences are re-prefilled with the new weights, so
   every token is an exact sample of π_version(· | prefix) (one extra batched forward per update).
 
-Run `python benchmarks/rollout_speed.py` for the speed against HF `generate`.
+Speed (`benchmarks/rollout_speed.py`, one thread, the toy pair's shapes, 512 long-tailed requests): 3.6–4.0x the
+tokens/s of the real vLLM 0.32 for CPUs on the 0.1M student and 1.9–2.0x on the 0.8M teacher, 4.6–5.6x HF
+`generate`, and it starts in milliseconds where vLLM's first engine takes ~16 s. So the studies keep this engine;
+vLLM (backends/vllm_fsdp) is the engine for real models.
 """
 
 from __future__ import annotations

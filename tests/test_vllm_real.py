@@ -17,7 +17,10 @@ what only it records (request shapes, prefix-cache flags, the MC pass's requests
 """
 
 import gc
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -38,6 +41,7 @@ from backends.vllm_fsdp.vllm_engine import VLLMConfig, VLLMRolloutEngine  # noqa
 from backends.vllm_fsdp.vllm_teacher import VLLMTeacher  # noqa: E402
 
 pytestmark = pytest.mark.vllm
+ROOT = Path(__file__).resolve().parents[1]
 
 TOY = dict(n_symbols=4, max_len=4, teacher_layers=1, teacher_width=64, teacher_steps=40, student_layers=1,
            student_width=64, student_warmup_steps=3, sft_batch_size=32, device="cpu")
@@ -301,3 +305,17 @@ def test_ray_run_on_real_engines_trains_syncs_and_resumes(toy, folders, tmp_path
     assert (syncs.bytes == state_bytes(student.state_dict())).all()
     assert syncs.version.tolist() == [0, 1, 2]            # the start, after step 1 (not after the last), the resume
     assert float(syncs.t.iloc[2]) > float(steps.t.iloc[1] + steps.dur_s.iloc[1])   # the resumed run's first sync
+
+
+def test_rollout_speed_benchmark_runs_vllm(tmp_path):
+    """benchmarks/rollout_speed.py with the real vLLM: the vLLM rows exist and every implementation generated
+    exactly the same requested lengths (the benchmark compares equal work)."""
+    out = tmp_path / "speed.csv"
+    args = ["--repeats", "1", "--n-requests", "6", "--models", "student", "--max-batch", "4",
+            "--impls", "toy_engine", "vllm_eager", "hf_dynamic", "--out", str(out)]
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rollout_speed.py"), *args],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "toy/vllm_eager" in res.stdout
+    timed = pd.read_csv(out).query("repeat == 0")
+    assert set(timed.impl) == {"toy_engine", "vllm_eager", "hf_dynamic"} and timed.tokens.nunique() == 1
