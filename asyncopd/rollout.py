@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import save
+if TYPE_CHECKING:          # torch only in annotations: the simulator moves Trajectory.fake without importing torch
+    import torch
 
 FINISH_REASONS = ("stop", "length")  # stop token sampled | truncated at the maximum response length
 
@@ -118,6 +118,7 @@ SCALAR_FIELDS = ("uid", "behav_version", "n_tokens", "finish_reason", "prompt_ke
 def dump_trajectories(trajs: list[Trajectory]) -> bytes:
     """Trajectories as the bytes of one safetensors file: tensors named "<i>/<field>", scalars as JSON in the
     metadata. Nothing in it is executed on load (no pickle), so a run folder from elsewhere is safe to resume."""
+    from safetensors.torch import save
     tensors = {f"{i}/{name}": getattr(t, name).contiguous() for i, t in enumerate(trajs)
                for name in TENSOR_FIELDS if getattr(t, name) is not None}
     meta = {"trajectories": json.dumps([{name: getattr(t, name) for name in SCALAR_FIELDS} for t in trajs])}
@@ -126,6 +127,7 @@ def dump_trajectories(trajs: list[Trajectory]) -> bytes:
 
 def load_trajectories(path) -> list[Trajectory]:
     """The trajectories in a file holding `dump_trajectories` bytes (each checked by Trajectory's own validation)."""
+    from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
         scalars = json.loads(f.metadata()["trajectories"])
         tensors = {name: f.get_tensor(name) for name in f.keys()}
