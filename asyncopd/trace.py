@@ -172,15 +172,20 @@ def read(path) -> pd.DataFrame:
     return _validated(df, str(path))
 
 
-def to_perfetto(events_or_frame, path, other: dict | None = None) -> None:
+def to_perfetto(events_or_frame, path, other: dict | None = None, max_events: int | None = None) -> None:
     """Write Chrome/Perfetto trace-event JSON: a process per role, a thread per worker, times in µs.
 
     Spans (dur_s > 0) are "X" complete events, instants are thread-scoped "i" events; `args` holds the
     version/uid/n_seqs/tokens/bytes/staleness columns that differ from their defaults. `other` (JSON-able) becomes
     the file's `otherData`: the run's metadata, shown by the viewer. The events' JSON is built column-wise with
     pandas string operations (kinds and roles are validated tokens, numbers are finite): a cluster-scale simulation
-    writes ~400k events, which a per-event Python loop took seconds to encode."""
+    writes ~400k events, which a per-event Python loop took seconds to encode. With `max_events`, a longer trace
+    is cut to whole threads by `perfetto_subset` (the bound counts trace events, not the "M" name records) and
+    otherData records what was left out."""
     df = _frame(events_or_frame)
+    if max_events is not None and len(df) > max_events:
+        df, info = perfetto_subset(df, max_events)
+        other = {**(other or {}), **info}
     pid = {role: i + 1 for i, role in enumerate(ROLES)}
     meta = []
     for role in [r for r in ROLES if (df.role == r).any()]:
@@ -192,6 +197,48 @@ def to_perfetto(events_or_frame, path, other: dict | None = None) -> None:
     text = '{"traceEvents": [' + ", ".join(pieces) + "]"
     text += (', "otherData": ' + json.dumps(other, default=str) if other else "") + "}"
     atomic_write(Path(path), text)
+
+
+def perfetto_subset(df: pd.DataFrame, max_events: int) -> tuple[pd.DataFrame, dict]:
+    """At most `max_events` rows of a validated trace frame, as whole threads, and the otherData record of the cut.
+
+    A thread is one Perfetto track: every event of one (role, worker). Threads are kept whole or not at all, so
+    the timeline of a kept worker has no holes (a random thinning would leave gaps that read as idle time).
+    Threads are visited in the order of q, then of the role's worker count n, then of size (smallest first), and
+    each one is kept if it still fits under the bound (so one long thread, such as the scheduler's drops, all on
+    worker 0, does not shut out the shorter ones after it):
+
+        q = bit-reversal of r over b bits / 2^b,    r = the worker's rank among its role's n workers, b = ⌈log2 n⌉
+
+    q = 0 is each role's first worker and roles with one worker go first among those, so the learner steps and
+    weight syncs are kept whenever the bound covers them. Taking q < f keeps the same fraction f of every role's
+    workers, spread evenly over them (r = 0, n/2, n/4, 3n/4, ...: van der Corput order), so a role with 1,024
+    rollout replicas and one with 128 teachers are sampled alike. Deterministic; numpy over the events, one
+    Python pass over the threads (thousands). A trace that fits comes back unchanged with an empty record."""
+    if len(df) <= max_events:
+        return df, {}
+    M = int(df.worker.max()) + 1
+    tid = df.role.map({r: i for i, r in enumerate(ROLES)}).to_numpy() * M + df.worker.to_numpy()
+    ids, size = np.unique(tid, return_counts=True)            # threads, sorted by role then worker
+    role, worker = ids // M, ids % M
+    r = np.arange(len(ids)) - np.searchsorted(role, role)     # rank of the worker within its role
+    n = np.bincount(role)[role]
+    b = np.ceil(np.log2(n)).astype(np.int64)
+    rev = np.zeros_like(r)
+    for i in range(int(b.max())):                             # r < 2^b, so bits i >= b are 0
+        rev |= ((r >> i) & 1) << np.maximum(b - 1 - i, 0)
+    kept, total = [], 0
+    for i in np.lexsort((worker, role, size, n, rev / 2.0 ** b)).tolist():   # last key first: q, n, size, ...
+        if total + size[i] <= max_events:
+            kept.append(i)
+            total += int(size[i])
+    kept = np.sort(np.array(kept, dtype=np.int64))
+    out = df[np.isin(tid, ids[kept])]
+    info = {"sampled": True, "events_total": len(df), "events_written": len(out),
+            "kept_workers": {ROLES[k]: worker[kept][role[kept] == k].tolist() for k in np.unique(role[kept])},
+            "workers_total": {ROLES[k]: int(c) for k, c in enumerate(np.bincount(role)) if c},
+            "rule": "whole (role, worker) threads, workers evenly spread per role (asyncopd.trace.perfetto_subset)"}
+    return out, info
 
 
 def _perfetto_events(df: pd.DataFrame, pid: dict[str, int]) -> pd.Series:

@@ -58,6 +58,7 @@ from asyncopd import trace as trace_io
 from asyncopd.config import check_finite
 from asyncopd.scheduler import ON_STALE, SchedulerConfig
 from sim.costs import ClusterShape, CostModel, LengthDist, Workload
+from sim.specs import Specs, costs_from_specs
 
 log = logging.getLogger(__name__)
 PLACEMENT = {"separate": "separate", "colocate_teacher_with_rollout": "teacher_with_rollout"}
@@ -73,6 +74,8 @@ class CalibrateConfig:
     idle_gap_s: float = 0.004            # a gap between decode iterations longer than this is idle, not overhead
     min_r2: float = 0.5                  # refuse a fit (decode, teacher, learner) with R² below this, in [0, 1]
     on_poor_fit: str = "error"           # error: a poor fit stops calibration | warn: write the YAML, warn loudly
+    prior: str = ""                      # a cluster YAML (typed costs, or specs to derive them for the measured
+                                         # shape and workload) to compare the fit with: moved.csv ("" = none)
 
     def __post_init__(self):
         check_finite(self)
@@ -309,6 +312,17 @@ def write(out_dir: Path, cluster: ClusterShape, costs: CostModel, workload: Work
                                                           "prompt_len": workload.prompt_len}, indent=1))
 
 
+def moved(prior: str, cluster: ClusterShape, costs: CostModel, workload: Workload) -> pd.DataFrame:
+    """Each cost of the `prior` cluster YAML (its `costs`, or the costs its `specs` give for the measured shape
+    and workload) against the fit: how far the measurement moved each assumption (ratio = fitted / prior)."""
+    node = OmegaConf.to_container(OmegaConf.load(prior))
+    base = (costs_from_specs(Specs(**node["specs"]), cluster, workload) if "specs" in node
+            else CostModel(**node["costs"]))
+    before, after = asdict(base), asdict(costs)
+    return pd.DataFrame([dict(cost=k, prior=before[k], fitted=after[k],
+                              ratio=after[k] / before[k] if before[k] else float("nan")) for k in after])
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="calibrate")
 def main(dcfg: DictConfig) -> None:
     try:                                                 # a bad input is one message and exit 1, no traceback
@@ -318,6 +332,10 @@ def main(dcfg: DictConfig) -> None:
         sys.exit(f"sim.calibrate: {err}")
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     write(out_dir, cluster, costs, workload, diag, cfg.trace)
+    if cfg.prior:
+        table = moved(cfg.prior, cluster, costs, workload)
+        table.to_csv(out_dir / "moved.csv", index=False)
+        print(f"fitted vs {cfg.prior} (ratio = fitted / prior):\n{table.to_string(index=False)}")
     print(f"decode {costs.decode_step_s * 1e3:.3f} ms + {costs.decode_step_s_per_seq * 1e6:.2f} µs/seq "
           f"(R² {diag['r2_decode']:.2f}), teacher {costs.teacher_call_s * 1e3:.3f} ms/call + "
           f"{costs.teacher_s_per_token * 1e6:.2f} µs/token (R² {diag['r2_teacher']:.2f}), learner "

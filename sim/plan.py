@@ -1,227 +1,46 @@
 """`python -m sim.plan`: capacity planner. Given a GPU budget, per-role costs and a workload, which
 rollout : teacher : learner split and which staleness bound η give the most samples/s that the KL estimator
-can afford?
+can afford, and why?
 
     python -m sim.plan gpus=64 'etas=[0,1,2,4]' estimator=reverse_kl_stale hydra.run.dir=outputs/plan/64
     python -m sim.plan cluster=h100x64_qwen3_8b_235b workload=chat_short gpus=128 on_stale=wait
+    python -m sim.plan cluster=from_specs specs.gpu=a100-80gb specs.student=llama-3.1-8b \\
+        specs.teacher=llama-3.1-70b cluster.gpus_per_teacher_replica=4 gpus=32     # costs from specs alone
+    python -m sim.plan --config-dir <calibrate's output folder> cluster=calibrated gpus=64   # measured costs
 
-Writes plan.csv (one row per split × η, ranked), plan.png (samples/s against η per split) into Hydra's run
-folder and prints the top rows and a one-line recommendation. `estimator=<preset>` picks a conf/estimator/ file;
-only its name matters here: it selects the tolerated η below.
+The search (sim/planner.py) simulates the best splits at every η and ranks them; this module explains rank 1.
+Writes into Hydra's run folder: plan.csv (one row per split × η, ranked, with each role's utilisation and
+analytic capacity), frontier.csv (the best plan at smaller budgets), recommendation.txt (what is printed
+below the table), costs.csv (with specs.gpu: every derived cost with its formula) and plan.png (samples/s
+against η per split with the recommendation marked, and the GPUs → samples/s frontier).
 
-Search. With G GPUs, g_r GPUs per rollout replica and g_t per teacher replica (tensor parallel, from the
-cluster), a split (r, t, L) has r·g_r + t·g_t + L ≤ G. L runs over `learner_gpus`, t over 1, 2, … (t = 0 for the
-colocated placements, which are planned as given), and rollout fills the rest, r = ⌊(G − L − t·g_t)/g_r⌋ ≥ 1.
-A split is kept only if no further replica fits (leftover < min(g_r, g_t)): the others waste GPUs. Simulating
-every split × η is too slow at G = 64, so the splits are first ranked by an analytic throughput bound and the
-best `max_splits` are simulated with `sim.model.simulate` at every η. With mean response length ℓ (sampled),
-prompt length P, batch B and n = min(max_batch, ⌈(η+1)·B/r⌉) sequences per rollout replica (the scheduler
-keeps at most (η+1)·B in flight), the samples/s each role can sustain are
-
-    rollout  R_r = r / (ℓ·step_s(n)/n + P·prefill_s_per_token [+ score_s, teacher on rollout])
-    teacher  R_t = t / score_s                                                        (separate placement)
-    learner  R_L = B / (learner_step_s + s_tok(L)·B·ℓ + publish_s [+ B·score_s, teacher on learner])
-
-where score_s = teacher_s_per_seq + teacher_s_per_token·(P+ℓ) + teacher_call_s/g scores one trajectory in calls
-of g (teacher_max_batch, or score_group with the teacher on the rollout replicas).
-
-and the bound is min(R_r, R_t, R_L) at η* = the largest η in etas the estimator tolerates; ties are broken by
-the serial rate 1/Σ(1/R) (what η = 0 approaches). The best split of every learner size is kept, then the next
-best bounds, up to `max_splits`. The simulated samples/s, not the bound, rank the plan (the bound is in plan.csv
-for comparison; it ignores the response-length tail, which a synchronous step waits for).
-
-Learner scaling. costs.learner_s_per_token was measured on L₀ = cluster.learner_gpus GPUs. Each doubling of
-the learner is assumed to speed the per-token work up by 2e, e = learner_scaling_efficiency ∈ (0, 1]:
-
-    s_tok(L) = s_tok(L₀) · (L₀/L) / e^{log₂(L/L₀)} = s_tok(L₀) · (L₀/L)^{1 + log₂ e}
-
-(e = 1: linear; e = 0.9: 1.8× per doubling; e = 0.5: no gain). learner_step_s (optimizer, gradient sync),
-publish_s and weight_sync_s are kept as measured: they are taken not to shrink with L. The teacher on the
-learner's devices (teacher_with_learner) keeps its measured speed.
-
-KL advice. studies/kl_direction (docs/kl_direction_report.md: toy backend, fixed staleness k ∈ {0,1,2,4,8},
-2 seeds, 150 steps) measured what staleness costs per estimator. `max_eta[e]` is the largest tested k at which
-e's final accuracy shows no loss against k = 0 under the report's own test (the seed ranges do not overlap and
-the gap exceeds two binomial standard errors): forward KL and every corrected or recomputed reverse KL stay
-within noise up to k = 8 (the largest tested); stale reverse KL collapses at k = 8 (−22.6 points), so its bound is
-4. The conservative reading for stale reverse KL is 1: at k = 2 and 4 both seeds lose ~1 point and held-out
-reverse KL rises 1.60 → 1.79 (`max_eta.reverse_kl_stale=1`). A bounded-async η gives staleness ≤ η, milder than
-the study's every-sample-exactly-k, so the bounds are conservative. A row is kl_ok iff η ≤ max_eta[estimator].
-Ranking: kl_ok rows first, then the rest, each by simulated samples/s (descending); rank 1 is the recommendation.
-Caveat: with on_stale=drop, short responses finish first, so dropping biases samples/s upward (compare tokens/s).
+The explanation names: the binding constraint (the role that saturates, or, when none does, the staleness
+window: at most (η+1)·B sequences in flight and a step waiting for the longest of its B responses); each role's
+utilisation and the samples/s it could sustain alone, so the spare capacity of the others is visible; the
+runner-up and what it costs; whether the recommendation was chosen over a faster split inside the tie band
+(and why: GPU-weighted utilisation); what the last GPUs of the budget buy (the frontier), flagged when it is less
+than the tie band; and, with on_stale=drop, the share of rollouts dropped and how much shorter the trained
+responses are than the generated ones (dropping keeps the short ones, so samples/s flatters it: compare tokens/s).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import hydra
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 import seaborn as sns
-from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from asyncopd.config import ObjectiveConfig, check_finite
-from asyncopd.scheduler import ON_STALE, SchedulerConfig
-from sim.costs import ClusterShape, CostModel, Workload
-from sim.model import simulate
+from asyncopd.files import atomic_write
+from sim.planner import FORWARD, PlanConfig, frontier, run
+from sim.specs import derivation
 
 plt.switch_backend("Agg")
-
-FORWARD = "forward_kl_topk"
-# Largest tested fixed staleness k with no significant accuracy loss vs k = 0 (docs/kl_direction_report.md).
-MAX_ETA = {"forward_kl_topk": 8, "reverse_kl_stale": 4, "reverse_kl_stale_tis": 8, "reverse_kl_stale_clip": 8,
-           "reverse_kl_recompute_tis": 8, "reverse_kl_recompute": 8, "reverse_kl_mc": 8}
-
-
-@dataclass
-class PlanConfig:
-    cluster: ClusterShape = field(default_factory=ClusterShape)   # placement and GPUs per replica; its
-    costs: CostModel = field(default_factory=CostModel)           # learner_gpus is where costs were measured
-    workload: Workload = field(default_factory=Workload)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # set by the estimator group; unused
-    gpus: int = 64                       # GPU budget, >= the smallest split (one replica of each role)
-    etas: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8])   # staleness bounds η tried, >= 0
-    on_stale: str = "drop"               # drop | wait, as SchedulerConfig.on_stale
-    learner_gpus: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])  # sizes tried (>= 1; too big: skipped)
-    learner_scaling_efficiency: float = 0.9   # e in (0, 1]: each doubling of the learner is 2e× faster per token
-    max_splits: int = 8                  # splits simulated (best analytic bounds), >= 1
-    steps: int = 30                      # learner steps simulated per candidate, >= 1
-    seed: int = 0                        # response lengths, >= 0
-    estimator: str = "reverse_kl_stale"  # preset name (conf/estimator/); the CLI takes it from the group choice
-    max_eta: dict[str, int] = field(default_factory=lambda: dict(MAX_ETA))   # tolerated η per estimator, >= 0
-    top: int = 10                        # rows in the printed table, >= 1
-
-    def __post_init__(self):
-        check_finite(self)
-        for name, lo in (("max_splits", 1), ("steps", 1), ("seed", 0), ("top", 1)):
-            x = getattr(self, name)
-            if not isinstance(x, int) or isinstance(x, bool) or x < lo:
-                raise ValueError(f"{name} must be an int >= {lo}, got {x!r}")
-        for name, lo in (("etas", 0), ("learner_gpus", 1)):
-            v = list(getattr(self, name))
-            if not v or len(set(v)) < len(v) or not all(isinstance(x, int) and x >= lo for x in v):
-                raise ValueError(f"{name} must be a non-empty list of distinct ints >= {lo}, got {v!r}")
-        if self.on_stale not in ON_STALE:
-            raise ValueError(f"on_stale must be one of {ON_STALE}, got {self.on_stale!r}")
-        e = self.learner_scaling_efficiency
-        if not (isinstance(e, (int, float)) and 0 < e <= 1):
-            raise ValueError(f"learner_scaling_efficiency must be in (0, 1], got {e!r}")
-        bad = {k: v for k, v in self.max_eta.items() if not isinstance(v, int) or v < 0}
-        if bad or FORWARD not in self.max_eta:
-            raise ValueError(f"max_eta must map estimator names to ints >= 0 and include {FORWARD!r}, got "
-                             f"{dict(self.max_eta)!r}")
-        if self.estimator not in self.max_eta:
-            raise ValueError(f"estimator must be one of {sorted(self.max_eta)} (the presets with a measured η "
-                             f"bound), got {self.estimator!r}; add one with +max_eta.{self.estimator}=<η>")
-        c = self.cluster
-        least = c.gpus_per_rollout_replica + min(self.learner_gpus) + (
-            c.gpus_per_teacher_replica if c.placement == "separate" else 0)
-        if not isinstance(self.gpus, int) or self.gpus < least:
-            raise ValueError(f"gpus must be an int >= {least} (one rollout replica, "
-                             f"{'one teacher replica, ' if c.placement == 'separate' else ''}the smallest "
-                             f"learner of learner_gpus={list(self.learner_gpus)}), got {self.gpus!r}")
-
-
-ConfigStore.instance().store(name="plan_schema", node=PlanConfig)
-
-
-def enumerate_splits(cfg: PlanConfig) -> list[tuple[int, int, int]]:
-    """Every (r, t, L) with r·g_r + t·g_t + L ≤ gpus, r, t ≥ 1 (t = 0 colocated) and no room for one more replica."""
-    c, G = cfg.cluster, cfg.gpus
-    gr, gt = c.gpus_per_rollout_replica, c.gpus_per_teacher_replica
-    sep = c.placement == "separate"
-    out = []
-    for L in sorted(cfg.learner_gpus):
-        for t in range(1, (G - L - gr) // gt + 1) if sep else [0]:
-            r = (G - L - t * gt) // gr
-            left = G - L - t * gt - r * gr
-            if r >= 1 and left < (min(gr, gt) if sep else gr):
-                out.append((r, t, L))
-    return out
-
-
-def learner_costs(cfg: PlanConfig, L: int) -> CostModel:
-    """The cost model with the learner on L GPUs: s_tok(L) = s_tok(L₀)·(L₀/L)/e^{log₂(L/L₀)} (see the top)."""
-    L0, e = cfg.cluster.learner_gpus, cfg.learner_scaling_efficiency
-    factor = (L0 / L) / e ** math.log2(L / L0)
-    return replace(cfg.costs, learner_s_per_token=cfg.costs.learner_s_per_token * factor)
-
-
-def mean_length(cfg: PlanConfig, n: int = 4096) -> float:
-    rng = np.random.default_rng(cfg.seed)
-    return float(np.mean([cfg.workload.length.sample(rng) for _ in range(n)]))
-
-
-def bound(cfg: PlanConfig, r: int, t: int, L: int, eta: int, ell: float) -> tuple[float, float]:
-    """(min(R_r, R_t, R_L), serial rate 1/Σ 1/R): the samples/s each role sustains alone (module docstring)."""
-    c, w, placement = learner_costs(cfg, L), cfg.workload, cfg.cluster.placement
-    B, P = w.batch_size, w.prompt_len
-    group = cfg.cluster.score_group if placement == "teacher_with_rollout" else c.teacher_max_batch
-    score_s = c.teacher_s_per_seq + c.teacher_s_per_token * (P + ell) + c.teacher_call_s / group   # one trajectory
-    n = min(c.max_batch, math.ceil((eta + 1) * B / r))
-    per_traj = ell * c.step_s(n) / n + P * c.prefill_s_per_token       # replica-seconds per trajectory
-    per_traj += score_s if placement == "teacher_with_rollout" else 0
-    rates = [r / per_traj]
-    if placement == "separate":
-        rates.append(t / score_s if score_s > 0 else math.inf)
-    step = c.learner_step_s + c.learner_s_per_token * B * ell + c.publish_s
-    rates.append(B / (step + (B * score_s if placement == "teacher_with_learner" else 0)))
-    serial = 1 / sum(1 / x for x in rates)
-    return min(rates), serial
-
-
-def select_splits(cfg: PlanConfig, ell: float) -> list[tuple[int, int, int]]:
-    """The `max_splits` splits to simulate: the best bound of each learner size first, then the next best bounds.
-    The bound is taken at η* = the largest η in etas that the estimator tolerates (max(etas) if none)."""
-    ok = [eta for eta in cfg.etas if advise(cfg, eta)[0]]
-    eta_star = max(ok or cfg.etas)
-    ranked = sorted(enumerate_splits(cfg), key=lambda s: bound(cfg, *s, eta_star, ell), reverse=True)
-    firsts = [next(s for s in ranked if s[2] == L) for L in sorted({s[2] for s in ranked})]
-    firsts.sort(key=ranked.index)
-    return (firsts + [s for s in ranked if s not in firsts])[:cfg.max_splits]
-
-
-def advise(cfg: PlanConfig, eta: int) -> tuple[bool, str]:
-    """(kl_ok, short advice) for η under cfg.estimator's tolerated bound."""
-    e, lim, fwd = cfg.estimator, cfg.max_eta[cfg.estimator], cfg.max_eta[FORWARD]
-    if eta == 0:
-        return True, "synchronous: no staleness"
-    if eta <= lim:
-        return True, f"η ≤ {lim}: {e} tolerated it"
-    if eta <= fwd:
-        return False, f"{e} tolerates η ≤ {lim}; forward KL tolerates η ≤ {fwd}"
-    return False, f"beyond every tested bound (forward KL: η ≤ {fwd})"
-
-
-def run(cfg: PlanConfig) -> pd.DataFrame:
-    """Simulate the best `max_splits` splits at every η; return plan.csv's rows, ranked (module docstring)."""
-    ell = mean_length(cfg)
-    rows = []
-    for r, t, L in select_splits(cfg, ell):
-        shape = replace(cfg.cluster, rollout_replicas=r, teacher_replicas=t, learner_gpus=L)
-        costs = learner_costs(cfg, L)
-        for eta in cfg.etas:
-            _, s = simulate(shape, costs, cfg.workload, SchedulerConfig(max_staleness=eta, on_stale=cfg.on_stale),
-                            cfg.steps, cfg.seed)
-            kl_ok, advice = advise(cfg, eta)
-            util = {role: s[f"util_{role}"] for role in ("rollout", "teacher", "learner")}
-            rows.append(dict(
-                rollout_replicas=r, teacher_replicas=t, learner_gpus=L, gpus_used=shape.gpus, eta=eta,
-                samples_per_s=s["samples_per_s"], tokens_per_s=s["tokens_per_s"],
-                staleness_mean=s["staleness_mean"], staleness_max=s["staleness_max"],
-                **{f"idle_{role}": 1 - u for role, u in util.items()},
-                latency_mean_s=s["latency_mean_s"], n_dropped=s["n_dropped"],
-                bound_samples_per_s=bound(cfg, r, t, L, eta, ell)[0], bottleneck=max(util, key=util.get),
-                kl_ok=kl_ok, advice=advice))
-    df = pd.DataFrame(rows).sort_values(["kl_ok", "samples_per_s"], ascending=False, kind="stable")
-    df.insert(0, "rank", range(1, len(df) + 1))
-    return df.reset_index(drop=True)
+SATURATED = 0.9        # a role busier than this share of the time is the binding one
+ROLES = ("rollout", "teacher", "learner")
 
 
 def split_name(row, cfg: PlanConfig) -> str:
@@ -232,7 +51,7 @@ def split_name(row, cfg: PlanConfig) -> str:
 
 
 def recommend(df: pd.DataFrame, cfg: PlanConfig) -> str:
-    """One line: the best kl_ok row, and the best row forward KL's bound would allow."""
+    """One line: rank 1 (the best kl_ok row after the tie-break), and the best row forward KL's bound allows."""
     e, lim, fwd = cfg.estimator, cfg.max_eta[cfg.estimator], cfg.max_eta[FORWARD]
     ok = df[df.kl_ok]
     if ok.empty:
@@ -250,31 +69,116 @@ def recommend(df: pd.DataFrame, cfg: PlanConfig) -> str:
                    f"{f.samples_per_s:.3g} samples/s ({f.samples_per_s / b.samples_per_s - 1:+.0%}).")
 
 
+def binding(row, cfg: PlanConfig) -> str:
+    """Which constraint sets rank 1's samples/s, and why GPUs added to the other roles would not raise it."""
+    util = {r: 1 - row[f"idle_{r}"] for r in ROLES if not pd.isna(row[f"rate_{r}"])}
+    caps = ", ".join(f"{r} {row[f'rate_{r}']:.3g}" for r in util)
+    role = max(util, key=util.get)
+    busy = sorted((r for r in util if util[r] >= SATURATED), key=util.get, reverse=True)
+    if busy:
+        spare = [r for r in util if r not in busy]
+        names = " and ".join(busy)
+        why = (f"the {' and '.join(spare)} {'has' if len(spare) == 1 else 'have'} spare capacity, so GPUs moved "
+               f"{'there' if len(spare) == 1 else 'to them'} would not raise samples/s; GPUs for the {names} would"
+               if spare else "every role is saturated: GPUs for any of them would help")
+        return (f"Binding: the {names} ({', '.join(f'{util[r]:.0%}' for r in busy)} busy). Alone each role sustains "
+                f"(samples/s, analytic): {caps}; {why}.")
+    window = (row.eta + 1) * cfg.workload.batch_size
+    return (f"Binding: the staleness window, not a role: no role is {SATURATED:.0%} busy (busiest: {role} "
+            f"{util[role]:.0%}). At most (η+1)·B = {window} sequences are in flight and a step waits for the "
+            f"longest of its {cfg.workload.batch_size} responses, so the simulation reaches "
+            f"{row.samples_per_s / row.bound_samples_per_s:.0%} of the slowest role's capacity (samples/s, "
+            f"analytic: {caps}). More GPUs do not help here; a larger η (if the estimator tolerates it) or shorter "
+            f"length tails would.")
+
+
+def explain(df: pd.DataFrame, front: pd.DataFrame, cfg: PlanConfig) -> list[str]:
+    """The lines printed under the table (module docstring)."""
+    ok = df[df.kl_ok]
+    if ok.empty:
+        return [recommend(df, cfg)]
+    best = ok.iloc[0]
+    lines = [recommend(df, cfg), binding(best, cfg),
+             "Utilisation: " + ", ".join(f"{r} {1 - best[f'idle_{r}']:.0%}" for r in ROLES
+                                         if not pd.isna(best[f"rate_{r}"]))
+             + f"; GPU-weighted {best.busy_gpu_frac:.0%} busy."]
+    fastest = ok.sort_values("samples_per_s", ascending=False, kind="stable").iloc[0]
+    if fastest["rank"] != best["rank"]:
+        lines.append(f"Chosen over the fastest row ({split_name(fastest, cfg)}, η = {fastest.eta}, "
+                     f"{fastest.samples_per_s / best.samples_per_s - 1:+.1%} samples/s, inside the "
+                     f"{cfg.tie_band:.0%} tie band) because it keeps its GPUs busier "
+                     f"({best.busy_gpu_frac:.0%} vs {fastest.busy_gpu_frac:.0%} GPU-weighted).")
+    runner = ok[(ok.rollout_replicas != best.rollout_replicas) | (ok.teacher_replicas != best.teacher_replicas)
+                | (ok.learner_gpus != best.learner_gpus)]
+    if len(runner):
+        u = runner.iloc[0]
+        lines.append(f"Runner-up: {split_name(u, cfg)} at η = {u.eta}: {u.samples_per_s:.3g} samples/s "
+                     f"({u.samples_per_s / best.samples_per_s - 1:+.1%}), {u.gpus_used} GPUs, "
+                     f"{u.busy_gpu_frac:.0%} GPU-weighted busy.")
+    lines += frontier_lines(front, best, cfg)
+    if cfg.on_stale == "drop" and best.n_dropped:
+        trained_len = best.tokens_per_s / best.samples_per_s
+        lines.append(f"Caveat (on_stale=drop): {best.n_dropped} of {best.n_dropped + best.n_trained} finished "
+                     f"rollouts ({best.n_dropped / (best.n_dropped + best.n_trained):.0%}) were dropped as too stale; "
+                     f"trained responses average {trained_len:.0f} tokens against {best.mean_len_generated:.0f} "
+                     f"generated ({trained_len / best.mean_len_generated - 1:+.0%}): dropping keeps the short ones, "
+                     f"so samples/s flatters it; compare tokens/s, or plan with on_stale=wait.")
+    return lines
+
+
+def frontier_lines(front: pd.DataFrame, best, cfg: PlanConfig) -> list[str]:
+    if front.empty:
+        return []
+    points = [*zip(front.gpus_used, front.samples_per_s), (best.gpus_used, best.samples_per_s)]
+    line = "Frontier at η = {}: ".format(best.eta) + ", ".join(f"{g} GPUs → {s:.3g}" for g, s in points) + " samples/s."
+    g_prev, s_prev = points[-2]
+    gain = best.samples_per_s / s_prev - 1
+    if gain < cfg.tie_band:
+        line += (f" The last {best.gpus_used - g_prev} GPUs buy {gain:+.1%}, less than the {cfg.tie_band:.0%} "
+                 f"tie band: {g_prev} GPUs do the same work.")
+    else:
+        line += f" The last {best.gpus_used - g_prev} GPUs buy {gain:+.0%}."
+    return [line]
+
+
 def table(df: pd.DataFrame, cfg: PlanConfig) -> str:
     t = df.head(cfg.top).assign(split=[split_name(row, cfg) for row in df.head(cfg.top).itertuples()])
     t = t[["rank", "split", "eta", "samples_per_s", "tokens_per_s", "staleness_mean", "staleness_max",
-           "idle_rollout", "idle_teacher", "idle_learner", "n_dropped", "kl_ok", "advice"]]
+           "idle_rollout", "idle_teacher", "idle_learner", "busy_gpu_frac", "n_dropped", "kl_ok", "advice"]]
     return t.rename(columns={"split": "rollout / teacher / learner GPUs", "samples_per_s": "samples/s",
                              "tokens_per_s": "tokens/s", "staleness_mean": "stale mean", "staleness_max": "max",
                              "idle_rollout": "idle R", "idle_teacher": "idle T", "idle_learner": "idle L",
-                             "n_dropped": "dropped"}).to_string(
+                             "busy_gpu_frac": "busy", "n_dropped": "dropped"}).to_string(
         index=False, formatters={"samples/s": "{:.3g}".format, "tokens/s": "{:.3g}".format,
                                  "stale mean": "{:.2f}".format, "idle R": "{:.0%}".format,
-                                 "idle T": "{:.0%}".format, "idle L": "{:.0%}".format})
+                                 "idle T": "{:.0%}".format, "idle L": "{:.0%}".format, "busy": "{:.0%}".format})
 
 
-def plot(df: pd.DataFrame, cfg: PlanConfig, path: Path) -> None:
-    """samples/s against η, one line per split; ✕ where η is beyond the estimator's bound."""
-    d = df.assign(split=[split_name(row, cfg) for row in df.itertuples()])
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    sns.lineplot(d, x="eta", y="samples_per_s", hue="split", ax=ax, legend="brief")
-    sns.scatterplot(d, x="eta", y="samples_per_s", hue="split", style="kl_ok", markers={True: "o", False: "X"},
-                    style_order=[True, False], ax=ax, legend=False, s=50)
-    ax.axvline(cfg.max_eta[cfg.estimator], ls="--", c="C3", label=f"{cfg.estimator} η bound")
-    ax.axvline(cfg.max_eta[FORWARD], ls=":", c="k", label="forward KL η bound")
+def plot(df: pd.DataFrame, front: pd.DataFrame, cfg: PlanConfig, path: Path) -> None:
+    """Left: samples/s against η, a colour per learner size and a line style per teacher count, ✕ where η is
+    beyond the estimator's bound, a star on the recommendation. Right: the GPUs → samples/s frontier."""
+    d = df.assign(split=[split_name(row, cfg) for row in df.itertuples()],
+                  learner=[f"learner {L} GPUs" for L in df.learner_gpus])
+    fig, (ax, fx) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [2.2, 1]})
+    order = [f"learner {L} GPUs" for L in sorted(set(df.learner_gpus))]
+    sns.lineplot(d, x="eta", y="samples_per_s", hue="learner", hue_order=order, style="split", palette="viridis",
+                 ax=ax, legend="full", markers=False, dashes=True)
+    bad = d[~d.kl_ok]
+    ax.scatter(bad.eta, bad.samples_per_s, marker="x", c="0.3", s=30, label=f"too stale for {cfg.estimator}")
+    if d.kl_ok.any():
+        b = d[d.kl_ok].iloc[0]
+        ax.scatter([b.eta], [b.samples_per_s], marker="*", s=260, c="crimson", zorder=5,
+                   label=f"recommended: {b.split}, η={b.eta}")
+    ax.axvline(cfg.max_eta[cfg.estimator], ls="--", c="0.5", lw=1)
+    ax.text(cfg.max_eta[cfg.estimator], ax.get_ylim()[1], f" {cfg.estimator} η bound", fontsize=7, va="top")
     ax.set(xlabel="η (max staleness)", ylabel="samples/s (simulated)",
-           title=f"{cfg.gpus} GPUs, rollout / teacher / learner GPUs; ✕ = too stale for {cfg.estimator}")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+           title=f"{cfg.gpus} GPUs: rollout / teacher / learner GPUs per line")
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5))
+    if d.kl_ok.any():
+        pts = pd.concat([front, d[d.kl_ok].iloc[:1]])[["gpus_used", "samples_per_s"]]
+        fx.plot(pts.gpus_used, pts.samples_per_s, "o-", c="crimson")
+        fx.set(xlabel="GPU budget", ylabel="best samples/s", title=f"frontier at η = {d[d.kl_ok].iloc[0].eta}",
+               ylim=(0, None), xlim=(0, None))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -285,11 +189,20 @@ def main(dcfg: DictConfig) -> None:
     cfg: PlanConfig = OmegaConf.to_object(dcfg)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     df = run(cfg)
-    df.to_csv(out_dir / "plan.csv", index=False)
-    plot(df, cfg, out_dir / "plan.png")
+    front = frontier(cfg, int(df[df.kl_ok].iloc[0].eta)) if df.kl_ok.any() else pd.DataFrame()
+    atomic_write(out_dir / "plan.csv", lambda tmp: df.to_csv(tmp, index=False))
+    atomic_write(out_dir / "frontier.csv", lambda tmp: front.to_csv(tmp, index=False))
+    if cfg.specs.enabled:
+        costs = derivation(cfg.specs, cfg.cluster, cfg.workload)
+        atomic_write(out_dir / "costs.csv", lambda tmp: costs.to_csv(tmp, index=False))
+        print(f"costs derived from specs (gpu {cfg.specs.gpu}, student {cfg.specs.student}, teacher "
+              f"{cfg.specs.teacher}; assumptions specs.assume.*):\n{costs.to_string(index=False)}\n")
+    plot(df, front, cfg, out_dir / "plan.png")
+    lines = explain(df, front, cfg)
+    atomic_write(out_dir / "recommendation.txt", "\n".join(lines) + "\n")
     print(table(df, cfg))
-    print(recommend(df, cfg))
-    print(f"-> {out_dir}/plan.csv, plan.png")
+    print("\n".join(lines))
+    print(f"-> {out_dir}/plan.csv, frontier.csv, recommendation.txt, plan.png")
 
 
 if __name__ == "__main__":

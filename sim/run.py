@@ -5,7 +5,10 @@
     python -m sim.run ... schedule=true      # also write schedule.json, replayable by the toy backend:
     python -m backends.run staleness=schedule:<dir>/schedule.json ...
 
-`cluster=<file>` picks conf/cluster/<file>.yaml (the `cluster` and `costs` nodes), `workload=<file>` picks
+`cluster=<file>` picks conf/cluster/<file>.yaml (the `cluster` node and either typed `costs` or `specs`: a GPU
+type and two models from which sim/specs.py derives every cost, e.g. `cluster=from_specs specs.gpu=h100-sxm
+specs.student=qwen3-8b specs.teacher=qwen3-235b-a22b cluster.gpus_per_teacher_replica=8`; a `costs.*` set on the
+command line then overrides its derived value), `workload=<file>` picks
 conf/workload/<file>.yaml; any field overrides as `costs.decode_step_s=0.01`, `workload.length.dist=fixed`, ...
 A calibrated cost file (`python -m sim.calibrate`) is used with `--config-dir <its folder> cluster=calibrated`.
 
@@ -15,6 +18,17 @@ staleness split staleness_in_flight_mean / staleness_in_queue_mean, util_rollout
 latency_mean_s, n_events, ...), and with schedule=true the scheduler's operation log (schedule.json); every file
 is written atomically. Prints one line of the main figures. Invalid shapes, costs or workloads raise ValueError
 naming the field, so the command exits non-zero.
+
+trace.csv keeps every event (it is the data `sim.calibrate` and the studies read). trace.json is for a viewer and
+keeps at most `trace_json_max_events` events (default 30,000; 0 = no trace.json). Past that it holds whole worker
+timelines: every learner step and weight sync (whenever the bound covers them), and an evenly spread share of
+each role's workers (`asyncopd.trace.perfetto_subset`); its otherData says so (sampled, events_total,
+events_written, kept_workers, workers_total). A 200-step run on 1,024 replicas has ~400k events: 60 MB of JSON
+unbounded, 4.6 MB at 30,000.
+
+A --multirun also writes summary.csv in hydra.sweep.dir: a row per job with its job number, its overrides
+(one column per key) and the scalar figures of its summary.json (sim/sweep.py, a Hydra callback that conf/sim.yaml
+registers; it prints the table when the sweep is over). Each job's own files stay in hydra.sweep.dir/<job num>/.
 """
 
 from __future__ import annotations
@@ -34,6 +48,7 @@ from asyncopd.files import atomic_write
 from asyncopd.scheduler import SchedulerConfig
 from sim.costs import ClusterShape, CostModel, Workload
 from sim.model import simulate
+from sim.specs import Specs, costs_for, learner_state_fits
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +62,22 @@ class SimConfig:
     steps: int = 200                     # learner steps to simulate, >= 1
     seed: int = 0                        # response lengths, >= 0
     schedule: bool = False               # also write schedule.json (the scheduler's op log) for a toy replay
+    trace_json_max_events: int = 30_000  # trace.json's bound, >= 0 (whole worker timelines past it); 0 = none
+    specs: Specs = field(default_factory=Specs)   # specs.gpu set: costs derived from the hardware and models
 
     def __post_init__(self):
+        if self.specs.enabled:                         # before the checks below, which read the costs
+            self.costs = costs_for(self.specs, self.cluster, self.workload, self.costs)
+            if not learner_state_fits(self.specs, self.cluster.learner_gpus):
+                raise ValueError(f"cluster.learner_gpus={self.cluster.learner_gpus} cannot hold {self.specs.student}'s "
+                                 f"training state (16 bytes per parameter on {self.specs.gpu}): raise it")
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be an int >= 1, got {self.steps!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        if not isinstance(self.trace_json_max_events, int) or self.trace_json_max_events < 0:
+            raise ValueError(f"trace_json_max_events must be an int >= 0 (0 = no trace.json), got "
+                             f"{self.trace_json_max_events!r}")
         B = self.workload.batch_size
         if self.scheduler.batch_size != B:
             raise ValueError(f"scheduler.batch_size={self.scheduler.batch_size} must equal workload.batch_size={B} "
@@ -83,7 +108,10 @@ def run(cfg: SimConfig, out_dir: Path) -> dict:
     events, summary = simulate(cfg.cluster, cfg.costs, cfg.workload, cfg.scheduler, cfg.steps, cfg.seed, ops_out=ops)
     frame = trace.to_frame(events)                     # once for both files
     trace.write(frame, out_dir / "trace.csv")
-    trace.to_perfetto(frame, out_dir / "trace.json")
+    if cfg.trace_json_max_events > 0:
+        trace.to_perfetto(frame, out_dir / "trace.json", max_events=cfg.trace_json_max_events)
+    else:
+        (out_dir / "trace.json").unlink(missing_ok=True)   # a reused folder: no trace.json of another run
     hist = trace.staleness_hist(summary["staleness_hist"])
     atomic_write(out_dir / "staleness_hist.csv", lambda tmp: hist.to_csv(tmp, index=False))
     if ops is not None:

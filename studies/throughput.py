@@ -13,9 +13,9 @@ Covers
     with R the steady samples/s (from the end of learner step `warmup` to the last, sim_vs_real.window_rate), and
     token_speedup the same ratio in trained tokens/s: drop mode discards the stale long tail, so it counts more,
     shorter samples. η = 0 is synchronous in both modes (nothing is ever dropped), so it is simulated once.
-    Splits: sim.plan.enumerate_splits at the shape's own GPU count with its teacher replicas kept, learner GPUs
+    Splits: sim.planner.enumerate_splits at the shape's own GPU count with its teacher replicas kept, learner GPUs
     from `learner_gpus` (a teacher on the learner needs L ≥ its GPUs) and learner cost scaled by
-    sim.plan.learner_costs. One measured toy point: a concurrent toy run at η = 0 calibrates the simulator
+    sim.planner.learner_costs. One measured toy point: a concurrent toy run at η = 0 calibrates the simulator
     (studies.sim_vs_real), which predicts the η = toy_point.eta run; both are measured on this machine.
     Left out: learning quality (studies.kl_direction prices staleness), and calibrated GPU costs: the example
     shapes are back-of-the-envelope, so the absolute numbers are what those assumptions imply.
@@ -54,7 +54,8 @@ from asyncopd.scheduler import ON_STALE, SchedulerConfig
 from backends.toy import ToyConfig
 from sim.costs import ClusterShape, CostModel, Workload
 from sim.model import simulate
-from sim.plan import PlanConfig, enumerate_splits, learner_costs
+from sim.planner import PlanConfig, enumerate_splits, learner_costs
+from sim.specs import Specs, costs_from_specs
 from studies import sim_vs_real
 from studies.cells import markdown
 
@@ -137,7 +138,10 @@ ConfigStore.instance().store(name="throughput_schema", node=Config)
 def load_shape(shape: Shape) -> tuple[ClusterShape, CostModel, Workload]:
     c = OmegaConf.to_container(OmegaConf.load(CONF / "cluster" / f"{shape.cluster}.yaml"))
     w = OmegaConf.to_container(OmegaConf.load(CONF / "workload" / f"{shape.workload}.yaml"))
-    return ClusterShape(**c["cluster"]), CostModel(**c["costs"]), Workload(**w)
+    cluster, workload = ClusterShape(**c["cluster"]), Workload(**w)
+    if "specs" in c:                                     # a shape described by hardware and models: derive
+        return cluster, costs_from_specs(Specs(**c["specs"]), cluster, workload), workload
+    return cluster, CostModel(**c["costs"]), workload
 
 
 def cells(cfg: Config) -> list[dict]:

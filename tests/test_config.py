@@ -18,7 +18,8 @@ from backends.vllm_fsdp.config import RealConfig
 from backends.vllm_fsdp.vllm_engine import VLLMConfig
 from sim.calibrate import CalibrateConfig
 from sim.costs import CostModel, LengthDist
-from sim.plan import PlanConfig
+from sim.planner import PlanConfig
+from sim.specs import Assumptions
 from studies import cache_estimators, cache_estimators_grads, length_inflation, sim_vs_real, throughput, vcpo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,9 +32,10 @@ CONFIGS = {
     CostModel: ({}, ()), LengthDist: ({}, ()), PlanConfig: ({}, ()),
     cache_estimators.Config: ({}, ()), cache_estimators_grads.SyntheticConfig: ({}, ()),
     length_inflation.Config: ({}, ()), sim_vs_real.RunSpec: ({}, ()), throughput.Config: ({}, ()),
-    vcpo.Config: ({}, ()), CalibrateConfig: ({}, ()),
+    vcpo.Config: ({}, ()), CalibrateConfig: ({}, ()), Assumptions: ({}, ()),
 }
-NOT_CONFIGS = {"EstimatorOut", "Event", "Recorder", "SortTask", "SyncStats"}   # results and records, not settings
+NOT_CONFIGS = {"EstimatorOut", "Event", "Recorder", "SortTask", "SyncStats",   # results and records, not settings
+               "GPU"}                                                        # a row of sim.specs' datasheet table
 
 
 def float_fields(cls) -> list[str]:

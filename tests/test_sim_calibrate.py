@@ -1,6 +1,7 @@
 """sim.calibrate: a hand-built trace with known linear costs is fitted back exactly; bad input names the problem."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -10,7 +11,8 @@ import yaml
 
 from asyncopd import trace
 from asyncopd.trace import Event
-from sim.calibrate import CalibrateConfig, calibrate, load_run, poor_fits
+from sim.calibrate import CalibrateConfig, calibrate, load_run, moved, poor_fits
+from sim.specs import Specs, costs_from_specs
 
 D0, DSEQ, DPRE = 2e-3, 3e-5, 1e-5          # decode: 2 ms + 30 µs per extra sequence + 10 µs per prefilled token
 OVERHEAD = 1e-4                            # loop overhead between decode iterations
@@ -195,7 +197,7 @@ def test_poor_fits_are_refused_or_written_with_a_warning(tmp_path, caplog):
     assert not (tmp_path / "cal" / "cluster").exists()
     p = cli(tmp_path, tmp_path / "cal", "warmup_steps=0", "on_poor_fit=warn")      # ...or written, loudly
     assert p.returncode == 0, p.stderr
-    assert f"(R² 1.00), learner" in p.stdout and "WARNING: poor fits" in p.stdout
+    assert "(R² 1.00), learner" in p.stdout and "WARNING: poor fits" in p.stdout
     assert "# WARNING, poor fit (on_poor_fit=warn): the learner fit" in (tmp_path / "cal" / "cluster" /
                                                                           "calibrated.yaml").read_text()
     assert json.loads((tmp_path / "cal" / "calibration.json").read_text())["poor_fits"] == diag["poor_fits"]
@@ -241,3 +243,19 @@ def test_the_gap_before_a_prefilling_iteration_joins_the_prefill_rate(tmp_path):
     assert costs.prefill_s_per_token == pytest.approx(DPRE + admit_per_token, rel=1e-6)
     assert costs.decode_step_s == pytest.approx(D0 + OVERHEAD, rel=1e-6) and diag["r2_decode"] == pytest.approx(1)
     assert diag["admission_s_per_step"] > 0
+
+
+def test_moved_compares_the_fit_with_a_typed_or_derived_prior(tmp_path):
+    synthetic_run(tmp_path / "run")
+    cluster, costs, workload, _ = calibrate(*load_run(tmp_path / "run"), CalibrateConfig(warmup_steps=0))
+    typed = tmp_path / "typed.yaml"
+    typed.write_text("cluster: {rollout_replicas: 2}\ncosts: {decode_step_s: 0.5, learner_s_per_token: 0.0}\n")
+    t = moved(str(typed), cluster, costs, workload).set_index("cost")
+    assert t.loc["decode_step_s", "prior"] == 0.5 and t.loc["decode_step_s", "fitted"] == costs.decode_step_s
+    assert t.loc["decode_step_s", "ratio"] == pytest.approx(costs.decode_step_s / 0.5)
+    assert math.isnan(t.loc["learner_s_per_token", "ratio"])             # a prior of 0 has no ratio
+    derived = tmp_path / "specs.yaml"
+    derived.write_text("specs: {gpu: h100-sxm, student: qwen3-1.7b, teacher: qwen3-30b-a3b}\n")
+    t = moved(str(derived), cluster, costs, workload).set_index("cost")
+    want = costs_from_specs(Specs("h100-sxm", "qwen3-1.7b", "qwen3-30b-a3b"), cluster, workload)
+    assert t.loc["publish_s", "prior"] == want.publish_s and t.loc["max_batch", "fitted"] == costs.max_batch

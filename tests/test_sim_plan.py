@@ -11,7 +11,9 @@ import pytest
 from asyncopd.scheduler import SchedulerConfig
 from sim.costs import ClusterShape, CostModel, LengthDist, Workload
 from sim.model import simulate
-from sim.plan import PlanConfig, advise, bound, enumerate_splits, learner_costs, recommend, run, select_splits
+from sim.plan import binding, explain, frontier_lines, recommend
+from sim.planner import (PlanConfig, advise, bound, enumerate_splits, frontier, learner_costs, rank, run,
+                         select_splits)
 
 
 def small(**kw) -> PlanConfig:
@@ -21,7 +23,7 @@ def small(**kw) -> PlanConfig:
                                       teacher_call_s=0.004, teacher_max_batch=2, learner_s_per_token=0.01,
                                       learner_step_s=0.05, publish_s=0.02, weight_sync_s=0.03))
     return PlanConfig(cluster=kw.pop("cluster", ClusterShape(1, 1)), costs=costs,
-                      workload=Workload(batch_size=4, prompt_len=4, length=LengthDist("fixed", 8, max=8)),
+                      workload=kw.pop("workload", Workload(batch_size=4, prompt_len=4, length=LengthDist("fixed", 8, max=8))),
                       **{"gpus": 8, "etas": [0, 1, 2, 8], "learner_gpus": [1, 4], "max_splits": 20, "steps": 8,
                          **kw})
 
@@ -71,7 +73,7 @@ def test_kl_advice_follows_the_estimator_bound():
 
 
 def test_ranking_kl_ok_first_then_samples_per_s():
-    df = run(small(estimator="reverse_kl_stale"))
+    df = run(small(estimator="reverse_kl_stale", tie_band=0.0))
     assert len(df) == len(enumerate_splits(small())) * 4 and list(df["rank"]) == list(range(1, len(df) + 1))
     assert list(df.kl_ok) == sorted(df.kl_ok, reverse=True)              # every kl_ok row before the others
     assert (df.kl_ok == (df.eta <= 4)).all()
@@ -195,3 +197,61 @@ def test_cli_writes_plan_csv_and_png(tmp_path):
 def test_cli_exits_non_zero_naming_the_field(tmp_path):
     p = plan_cli(tmp_path, "gpus=0")
     assert p.returncode != 0 and "gpus must be an int >= 3" in p.stderr
+
+
+def test_ties_inside_the_band_go_to_the_busiest_gpus():
+    rows = pd.DataFrame(dict(samples_per_s=[100.0, 99.0, 90.0, 200.0], busy_gpu_frac=[0.5, 0.8, 0.9, 1.0],
+                             kl_ok=[True, True, True, False], name=list("ABCD")))
+    assert list(rank(rows, 0.02).name) == ["B", "A", "C", "D"]          # 99 is within 2% of 100, and busier
+    assert list(rank(rows, 0.0).name) == ["A", "B", "C", "D"]           # no band: samples/s alone
+    assert list(rank(rows, 0.2).name) == ["C", "B", "A", "D"]           # a 20% band takes 90 in too
+    assert list(rank(rows, 0.02).in_band) == [True, True, False, False]
+
+
+def test_planner_finds_the_analytically_best_split():
+    """Teacher and learner cost nothing, so samples/s is r / (rollout time per trajectory): the split with the
+    most rollout replicas (L = 1, t = 1: r = 6 of 8 GPUs) is best at every η, and the explanation names the
+    rollout as binding with the teacher and learner idle."""
+    c = CostModel(decode_step_s=0.01, decode_step_s_per_seq=0.0, prefill_s_per_token=0.0, max_batch=1,
+                  teacher_s_per_token=0.0, learner_s_per_token=0.0, learner_step_s=0.0, weight_sync_s=0.0)
+    cfg = small(costs=c, estimator="forward_kl_topk", etas=[0, 2])
+    df = run(cfg)
+    top = df.iloc[0]
+    assert (top.rollout_replicas, top.teacher_replicas, top.learner_gpus) == (6, 1, 1)
+    # at η = 2 all 6 replicas run (12 may be in flight), one 80-ms trajectory each at a time (max_batch = 1):
+    # 8 steps × 4 samples take ⌈32 / 6⌉ = 6 waves of 80 ms
+    assert top.eta == 2 and top.samples_per_s == pytest.approx(32 / (6 * 0.08), rel=1e-9)
+    text = binding(top, cfg)
+    assert text.startswith("Binding: the rollout (") and "the teacher and learner have spare capacity" in text
+
+
+def test_learner_bound_mean_staleness_matches_the_closed_form():
+    """With the learner the only cost (rollouts and scoring instant, on_stale=wait), the scheduler keeps
+    (η+1)·B finished trajectories queued: after the first η steps every batch is exactly η versions old, so over
+    S steps the mean staleness is (S·η − η(η+1)/2) / S = η − η(η+1)/(2S) exactly."""
+    c = CostModel(decode_step_s=1e-4, decode_step_s_per_seq=0.0, prefill_s_per_token=0.0, max_batch=64,
+                  teacher_s_per_token=0.0, learner_s_per_token=0.0, learner_step_s=1.0, weight_sync_s=0.0)
+    w = Workload(batch_size=4, prompt_len=4, length=LengthDist("fixed", 8, max=8))
+    for eta, S in [(1, 10), (2, 40), (4, 40)]:
+        _, s = simulate(ClusterShape(4, 1), c, w, SchedulerConfig(batch_size=4, max_staleness=eta, on_stale="wait"),
+                        S, 0)
+        assert s["staleness_mean"] == pytest.approx(eta - eta * (eta + 1) / (2 * S), abs=1e-12)
+        assert s["util_learner"] > 0.999
+
+
+def test_explanation_states_the_tie_the_frontier_and_the_drop_bias():
+    cfg = small(costs=LATENCY_BOUND, estimator="forward_kl_topk", etas=[1], on_stale="drop",
+                workload=Workload(batch_size=4, prompt_len=4, length=LengthDist("lognormal", 8, sigma=1.0, max=64)))
+    df = run(cfg)
+    front = frontier(cfg, 1)
+    assert sorted(front.gpus_used) == [4, 6] and (front.eta == 1).all()     # 0.25·8 = 2 GPUs cannot hold 3 roles
+    lines = explain(df, front, cfg)
+    best = df.iloc[0]
+    assert lines[1].startswith("Binding:") and lines[2].startswith("Utilisation:")
+    caveat = next(ln for ln in lines if ln.startswith("Caveat (on_stale=drop)"))
+    assert f"{best.n_dropped} of {best.n_dropped + cfg.steps * 4} finished" in caveat
+    assert f"trained responses average {best.tokens_per_s / best.samples_per_s:.0f} tokens" in caveat
+    flat = frontier_lines(pd.DataFrame(dict(gpus_used=[4], samples_per_s=[best.samples_per_s * 0.995])), best, cfg)
+    assert "less than the 2% tie band: 4 GPUs do the same work" in flat[0]
+    steep = frontier_lines(pd.DataFrame(dict(gpus_used=[4], samples_per_s=[best.samples_per_s / 2])), best, cfg)
+    assert "tie band" not in steep[0] and "buy +100%" in steep[0]

@@ -5,7 +5,8 @@ import json
 import pandas as pd
 import pytest
 
-from asyncopd.trace import COLUMNS, DTYPES, Event, Recorder, from_frame, read, to_frame, to_perfetto, write
+from asyncopd.trace import (COLUMNS, DTYPES, Event, Recorder, from_frame, perfetto_subset, read, to_frame,
+                            to_perfetto, write)
 
 
 def events():
@@ -90,6 +91,47 @@ def test_perfetto_exact(tmp_path):
         {"name": "learner_step", "cat": "learner", "ph": "X", "ts": 2000000, "pid": 3, "tid": 0, "dur": 1,
          "args": {"version": 4, "n_seqs": 4, "tokens": 160, "staleness": 0.5}},
     ]}
+
+
+def threads_trace() -> pd.DataFrame:
+    """52 events in the simulator's shape: learner 3 and sync 3 (one worker each), 8 rollout replicas × 2, 8
+    scheduler threads × 1 admit plus 10 drops on scheduler 0 (11 there), 4 teachers × 3."""
+    evs = [Event(t=float(i), dur_s=1.0, kind="learner_step", version=i + 1) for i in range(3)]
+    evs += [Event(t=i + 0.5, dur_s=0.1, kind="weight_sync", version=i + 1) for i in range(3)]
+    evs += [Event(t=w + i, dur_s=1.0, kind="rollout", worker=w, uid=2 * w + i) for w in range(8) for i in range(2)]
+    evs += [Event(t=float(w), kind="admit", worker=w, uid=w) for w in range(8)]
+    evs += [Event(t=10.0 + i, kind="drop", uid=20 + i) for i in range(10)]
+    evs += [Event(t=w + i, dur_s=0.5, kind="teacher", worker=w, n_seqs=1) for w in range(4) for i in range(3)]
+    return to_frame(evs)
+
+
+# Visiting order (q, role's worker count, size): learner 3, sync 3, teacher 0 3, rollout 0 2, scheduler 0 11,
+# [q = 1/8] scheduler 4 1, rollout 4 2, [q = 1/4] teacher 2 3, scheduler 2 1, rollout 2 2, [3/8] scheduler 6, ...
+@pytest.mark.parametrize("bound, kept", [
+    (30, {"rollout": [0, 4], "teacher": [0, 2], "learner": [0], "sync": [0], "scheduler": [0, 2, 4, 6]}),
+    (20, {"rollout": [0, 2, 4], "teacher": [0, 2], "learner": [0], "sync": [0], "scheduler": [2, 4]}),  # 0 too long
+])
+def test_perfetto_subset_keeps_whole_evenly_spread_threads(bound, kept):
+    df = threads_trace()
+    out, info = perfetto_subset(df, bound)
+    in_kept = pd.Series([w in kept.get(r, []) for r, w in zip(df.role, df.worker)], index=df.index)
+    assert out.equals(df[in_kept])                              # exactly the kept threads' rows, whole, in order
+    assert info == {"sampled": True, "events_total": 52, "events_written": bound, "kept_workers": kept,
+                    "workers_total": {"rollout": 8, "teacher": 4, "learner": 1, "sync": 1, "scheduler": 8},
+                    "rule": info["rule"]}
+    assert perfetto_subset(df, 52) == (df, {})                  # a trace that fits is not touched
+
+
+def test_perfetto_bound_writes_the_subset_and_records_it(tmp_path):
+    df = threads_trace()
+    to_perfetto(df, tmp_path / "cut.json", other={"run": "x"}, max_events=30)
+    to_perfetto(perfetto_subset(df, 30)[0], tmp_path / "subset.json")
+    cut, subset = (json.loads((tmp_path / f).read_text()) for f in ("cut.json", "subset.json"))
+    assert cut["traceEvents"] == subset["traceEvents"]          # name records only for the kept threads
+    assert cut["otherData"]["run"] == "x" and cut["otherData"]["events_written"] == 30
+    to_perfetto(df, tmp_path / "fits.json", max_events=52)
+    to_perfetto(df, tmp_path / "all.json")
+    assert (tmp_path / "fits.json").read_text() == (tmp_path / "all.json").read_text()
 
 
 def test_recorder_uses_callers_clock():
