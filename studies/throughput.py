@@ -18,7 +18,8 @@ Covers
     sim.planner.learner_costs. One measured toy point: a concurrent toy run at η = 0 calibrates the simulator
     (studies.sim_vs_real), which predicts the η = toy_point.eta run; both are measured on this machine.
     Left out: learning quality (studies.kl_direction prices staleness), and calibrated GPU costs: the example
-    shapes are back-of-the-envelope, so the absolute numbers are what those assumptions imply.
+    shapes are derived from hardware and model specs by a roofline (sim/specs.py), so the absolute numbers are what
+    those assumptions imply.
 How to run
     python -m studies.throughput                 # 441 simulations (317 s of CPU) + 2 toy runs: 12 min measured on
                                                  # 2 CPU cores shared with other jobs (load ~8), ~4 min when idle
@@ -347,8 +348,9 @@ def report(df: pd.DataFrame, toy: pd.DataFrame | None, cfg: Config) -> str:
              f"{list(cfg.on_stale)}, σ ∈ {sorted(df.sigma.unique().tolist())}. Speedup = steady samples/s ÷ η = 0 "
              "of the same split.", "",
              "η = 0 is the streaming synchronous baseline: the teacher scores each trajectory as it finishes, the "
-             "learner waits for all B, the replicas wait for the new weights. The shapes' costs are "
-             "back-of-the-envelope (conf/cluster/): these are the speedups those assumptions imply, not measurements; "
+             "learner waits for all B, the replicas wait for the new weights. The shapes' costs are derived from "
+             "specs by a roofline (conf/cluster/, sim/specs.py): these are the speedups those assumptions imply, "
+             "not measurements; "
              "calibrate them on a real run (`python -m sim.calibrate`) before relying on the numbers.", "",
              "## Claims", "", *[f"- {v}" for v in verdicts(df, toy, cfg)], "",
              "## Async at each workload's own σ, default split", "", markdown(t, ".3g"), "",
