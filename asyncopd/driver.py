@@ -22,6 +22,10 @@ and newest token version ν has staleness v − β = (ν − β) + (v − ν):
     staleness_in_queue  = v − ν    versions the learner moved after its last token, before it was trained
 
 `split(batch)` gives both as batch means; `stepped` accumulates them over the run (`summary()`).
+
+What the policy does to the data (asyncopd.data_skew.LengthSkew: lengths generated vs trained, drop rate, wasted
+tokens, staleness by length) is counted here too, from every drop and trained batch, and joins `summary()`;
+`state()` keeps it across a resume.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from asyncopd.data_skew import LengthSkew
 from asyncopd.rollout import Batch, Trajectory
 from asyncopd.scheduler import Scheduler
 from asyncopd.trace import Event, Recorder
@@ -51,6 +56,7 @@ class Driver:
     hist: Counter = field(default_factory=Counter)        # staleness -> trained trajectories
     sums: dict = field(default_factory=lambda: {"in_flight": 0.0, "in_queue": 0.0})   # Σ over trained trajectories
     base: dict = field(default_factory=lambda: {"n_trained": 0, "n_dropped": 0, "n_lost": 0})  # before a resume
+    skew: LengthSkew = field(default_factory=LengthSkew)  # lengths generated / trained / dropped
 
     def admit(self, worker: int = 0) -> tuple[int, int] | None:
         """Admit one rollout: (uid, weight version to start with), or None when the scheduler refuses."""
@@ -82,16 +88,19 @@ class Driver:
         else:
             self.rec.append(Event(t=t0, dur_s=dur_s, kind="learner_step", **cols))
         self.hist.update(batch.staleness)
+        for traj, staleness in zip(batch.trajs, batch.staleness):
+            self.skew.on_trained(traj.n_tokens, staleness)
         self.sums["in_flight"] += parts["staleness_in_flight"] * len(batch)
         self.sums["in_queue"] += parts["staleness_in_queue"] * len(batch)
         return version, self._drops()
 
     def summary(self) -> dict:
-        """Run totals: trained trajectories' staleness histogram and the mean of each part of the split."""
+        """Run totals: trained trajectories' staleness histogram, the mean of each part of the split, and the
+        data-skew measures (LengthSkew.summary)."""
         n = max(sum(self.hist.values()), 1)                # trained trajectories
         return {"staleness_hist": {int(k): int(self.hist[k]) for k in sorted(self.hist)},
                 "staleness_in_flight_mean": self.sums["in_flight"] / n,
-                "staleness_in_queue_mean": self.sums["in_queue"] / n}
+                "staleness_in_queue_mean": self.sums["in_queue"] / n, **self.skew.summary()}
 
     def counts(self) -> dict[str, int]:
         """The scheduler's counters over the whole run, resumes included: n_admitted == in_flight + n_ready +
@@ -106,7 +115,8 @@ class Driver:
         """What a checkpoint keeps so that a resumed driver continues the uids, counters and histogram (JSON-able)."""
         c = self.counts()
         return {"next_uid": self.next_uid, "staleness_hist": {str(k): n for k, n in self.hist.items()},
-                "staleness_sums": dict(self.sums), "n_trained": c["n_trained"], "n_dropped": c["n_dropped"]}
+                "staleness_sums": dict(self.sums), "n_trained": c["n_trained"], "n_dropped": c["n_dropped"],
+                "skew": self.skew.state()}
 
     def restore(self, state: dict) -> None:
         """Continue a checkpoint's driver over this driver's scheduler (a fresh one at the checkpoint's version,
@@ -114,6 +124,7 @@ class Driver:
         self.next_uid = int(state["next_uid"])
         self.hist = Counter({int(k): int(n) for k, n in state["staleness_hist"].items()})
         self.sums = dict(state["staleness_sums"])
+        self.skew = LengthSkew.from_state(state.get("skew", {}))   # a checkpoint from before it: counts restart
         c = self.sched.counts()
         self.base = {"n_trained": state["n_trained"] - c["n_trained"], "n_dropped": state["n_dropped"] - c["n_dropped"]}
         self.base["n_lost"] = (self.next_uid - state["n_trained"] - state["n_dropped"] - c["in_flight"]
@@ -125,5 +136,6 @@ class Driver:
             return []
         v = self.sched.version
         for t in dropped:
+            self.skew.on_dropped(t.n_tokens)
             self.rec.instant("drop", uid=t.uid, version=t.behav_version, staleness=float(v - t.behav_version))
         return [t.uid for t in dropped]

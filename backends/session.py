@@ -23,6 +23,9 @@ columns in every mode:
     response_len_mean/max, truncation_rate, repetition_rate, train_accuracy   the batch's monitors
     loss, kl, grad_norm, lr, n_tokens, ess, ...                               the learner's (ess NaN if none)
     n_dropped                      too-stale trajectories dropped since the previous batch
+    len_generated_mean, len_trained_mean, length_w1, drop_rate, wasted_token_frac
+                                   what the staleness policy did to the data so far (asyncopd.data_skew);
+                                   run_info.json's summary has every measure, percentiles and staleness by length
     sched_n_admitted, sched_in_flight, sched_n_ready, sched_n_trained, sched_n_dropped, sched_n_lost
                                    the scheduler's counters over the whole run (Driver.counts)
     step_s, learner_s, samples_per_s          wall clock (WALL_CLOCK_COLUMNS: not reproducible)
@@ -57,6 +60,7 @@ log = logging.getLogger(__name__)
 WALL_CLOCK_COLUMNS = ("step_s", "rollout_s", "teacher_s", "learner_s", "samples_per_s")   # not reproducible
 MODE_EXTRAS = {"lockstep": ("rollout_s", "teacher_s", "mixture_frac", "mixture_len_mean", "mixture_accuracy"),
                "replay": (), "concurrent": (), "ray": ()}
+SKEW_COLUMNS = ("len_generated_mean", "len_trained_mean", "length_w1", "drop_rate", "wasted_token_frac")  # run so far
 PROMPT_SEED_STRIDE = 1_000_003           # block b of prompts comes from seed (seed · stride + b)
 
 
@@ -180,9 +184,11 @@ class RunSession:
         if unknown:
             raise ValueError(f"{sorted(unknown)} are not {self.mode} columns (MODE_EXTRAS)")
         counts = {f"sched_{k}": v for k, v in driver.counts().items() if k != "version"}
+        skew = driver.skew.summary()
         return {"step": version, "version": version, "objective": self.cfg.objective.name,
                 "staleness": str(self.cfg.staleness), **batch_monitors(self.task, batch), **metrics,
                 "ess": metrics.get("ess", float("nan")), "n_dropped": batch.n_dropped, **counts,
+                **{k: skew[k] for k in SKEW_COLUMNS},
                 "step_s": step_s, "learner_s": learner_s, "samples_per_s": (n_samples or len(batch)) / step_s, **extras}
 
     def record(self, row: dict) -> None:

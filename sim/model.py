@@ -33,7 +33,9 @@ Semantics (the choices a calibration must match):
   it; latency is admission → that moment, in_flight counts admitted, not yet trained and not dropped (Little's
   law holds exactly up to the end effect when nothing is dropped). util_learner counts training, not publishing.
   staleness_hist and the split come from `Driver.summary()`; weights never change in flight here, so
-  staleness_in_flight_mean is 0 and staleness_in_queue_mean equals staleness_mean.
+  staleness_in_flight_mean is 0 and staleness_in_queue_mean equals staleness_mean. The data-skew measures
+  (asyncopd.data_skew: len_generated/trained mean, p50, p90, length_w1, length_ks, length_bias, drop_rate,
+  wasted_token_frac, staleness_by_length) come from the same Driver, as in every backend.
 
 Run: `events, summary = simulate(ClusterShape(), CostModel(), Workload(), SchedulerConfig(max_staleness=1), 100)`.
 """
@@ -47,6 +49,7 @@ import math
 import numpy as np
 import simpy
 
+from asyncopd.data_skew import SCALARS as SKEW_SCALARS
 from asyncopd.driver import Driver
 from asyncopd.rollout import Trajectory
 from asyncopd.scheduler import Scheduler, SchedulerConfig
@@ -296,5 +299,6 @@ def simulate(cluster: ClusterShape, costs: CostModel, workload: Workload, sched_
         util_teacher=sum(sim.busy["teacher"]) / (T * len(sim.busy["teacher"])),
         util_learner=sim.busy["learner"][0] / T,
         in_flight_mean=sim.live_area / T, latency_mean_s=float(np.mean(sim.latencies)),
-        n_events=len(sim.rec.events), duration_s=T, n_dropped=sim.sched.n_dropped, staleness_hist=hist)
+        n_events=len(sim.rec.events), duration_s=T, n_dropped=sim.sched.n_dropped, staleness_hist=hist,
+        **{k: d[k] for k in (*SKEW_SCALARS, "staleness_by_length")})
     return sim.rec.events, summary

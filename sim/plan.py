@@ -19,8 +19,11 @@ window: at most (η+1)·B sequences in flight and a step waiting for the longest
 utilisation and the samples/s it could sustain alone, so the spare capacity of the others is visible; the
 runner-up and what it costs; whether the recommendation was chosen over a faster split inside the tie band
 (and why: GPU-weighted utilisation); what the last GPUs of the budget buy (the frontier), flagged when it is less
-than the tie band; and, with on_stale=drop, the share of rollouts dropped and how much shorter the trained
-responses are than the generated ones (dropping keeps the short ones, so samples/s flatters it: compare tokens/s).
+than the tie band; and, with on_stale=drop, the share of rollouts dropped, of generated tokens wasted, and how much
+shorter the trained responses are than the generated ones (dropping keeps the short ones, so samples/s flatters
+it: compare tokens/s). Every row carries its length_bias and wasted_token_frac (asyncopd.data_skew);
+`max_length_bias=0.1` sets aside the rows whose trained mean length is more than 10% off the generated one, and
+the explanation names the fastest row it set aside.
 """
 
 from __future__ import annotations
@@ -43,6 +46,12 @@ SATURATED = 0.9        # a role busier than this share of the time is the bindin
 ROLES = ("rollout", "teacher", "learner")
 
 
+def eligible(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows a recommendation may come from: η within the estimator's bound and the length bias within
+    max_length_bias (sim.planner.rank puts them first)."""
+    return df[df.kl_ok & df.bias_ok]
+
+
 def split_name(row, cfg: PlanConfig) -> str:
     c = cfg.cluster
     teacher = (f"{row.teacher_replicas}×{c.gpus_per_teacher_replica}" if c.placement == "separate"
@@ -53,9 +62,11 @@ def split_name(row, cfg: PlanConfig) -> str:
 def recommend(df: pd.DataFrame, cfg: PlanConfig) -> str:
     """One line: rank 1 (the best kl_ok row after the tie-break), and the best row forward KL's bound allows."""
     e, lim, fwd = cfg.estimator, cfg.max_eta[cfg.estimator], cfg.max_eta[FORWARD]
-    ok = df[df.kl_ok]
+    ok = eligible(df)
     if ok.empty:
-        return f"No candidate fits {e}'s tolerated η ≤ {lim}: add an η ≤ {lim} to etas."
+        limit = "" if cfg.max_length_bias is None else f" and max_length_bias={cfg.max_length_bias}"
+        return (f"No candidate fits {e}'s tolerated η ≤ {lim}{limit}: add an η ≤ {lim} to etas"
+                + (", use on_stale=wait or loosen the bias limit." if limit else "."))
     b = ok.iloc[0]
     line = (f"Recommendation for {e} (η ≤ {lim}): rollout / teacher / learner GPUs = {split_name(b, cfg)}, "
             f"η = {b.eta}: {b.samples_per_s:.3g} samples/s, staleness mean {b.staleness_mean:.2f}.")
@@ -94,7 +105,7 @@ def binding(row, cfg: PlanConfig) -> str:
 
 def explain(df: pd.DataFrame, front: pd.DataFrame, cfg: PlanConfig) -> list[str]:
     """The lines printed under the table (module docstring)."""
-    ok = df[df.kl_ok]
+    ok = eligible(df)
     if ok.empty:
         return [recommend(df, cfg)]
     best = ok.iloc[0]
@@ -117,12 +128,18 @@ def explain(df: pd.DataFrame, front: pd.DataFrame, cfg: PlanConfig) -> list[str]
                      f"{u.busy_gpu_frac:.0%} GPU-weighted busy.")
     lines += frontier_lines(front, best, cfg)
     if cfg.on_stale == "drop" and best.n_dropped:
-        trained_len = best.tokens_per_s / best.samples_per_s
         lines.append(f"Caveat (on_stale=drop): {best.n_dropped} of {best.n_dropped + best.n_trained} finished "
-                     f"rollouts ({best.n_dropped / (best.n_dropped + best.n_trained):.0%}) were dropped as too stale; "
-                     f"trained responses average {trained_len:.0f} tokens against {best.mean_len_generated:.0f} "
-                     f"generated ({trained_len / best.mean_len_generated - 1:+.0%}): dropping keeps the short ones, "
-                     f"so samples/s flatters it; compare tokens/s, or plan with on_stale=wait.")
+                     f"rollouts ({best.n_dropped / (best.n_dropped + best.n_trained):.0%}) were dropped as too stale, "
+                     f"{best.wasted_token_frac:.0%} of the generated tokens; trained responses average "
+                     f"{best.len_trained_mean:.0f} tokens against {best.len_generated_mean:.0f} generated "
+                     f"({best.length_bias:+.0%}): dropping keeps the short ones, so samples/s flatters it; compare "
+                     f"tokens/s, plan with on_stale=wait, or bound it with max_length_bias=.")
+    skipped = df[df.kl_ok & ~df.bias_ok]
+    if len(skipped):
+        lines.append(f"{len(skipped)} rows within the η bound were set aside for a length bias beyond "
+                     f"max_length_bias={cfg.max_length_bias} (the fastest: {split_name(skipped.iloc[0], cfg)} at "
+                     f"η = {skipped.iloc[0].eta}, {skipped.iloc[0].samples_per_s:.3g} samples/s, length bias "
+                     f"{skipped.iloc[0].length_bias:+.0%}).")
     return lines
 
 
@@ -144,14 +161,17 @@ def frontier_lines(front: pd.DataFrame, best, cfg: PlanConfig) -> list[str]:
 def table(df: pd.DataFrame, cfg: PlanConfig) -> str:
     t = df.head(cfg.top).assign(split=[split_name(row, cfg) for row in df.head(cfg.top).itertuples()])
     t = t[["rank", "split", "eta", "samples_per_s", "tokens_per_s", "staleness_mean", "staleness_max",
-           "idle_rollout", "idle_teacher", "idle_learner", "busy_gpu_frac", "n_dropped", "kl_ok", "advice"]]
+           "idle_rollout", "idle_teacher", "idle_learner", "busy_gpu_frac", "length_bias", "wasted_token_frac",
+           "kl_ok", "advice"]]
     return t.rename(columns={"split": "rollout / teacher / learner GPUs", "samples_per_s": "samples/s",
                              "tokens_per_s": "tokens/s", "staleness_mean": "stale mean", "staleness_max": "max",
                              "idle_rollout": "idle R", "idle_teacher": "idle T", "idle_learner": "idle L",
-                             "busy_gpu_frac": "busy", "n_dropped": "dropped"}).to_string(
+                             "busy_gpu_frac": "busy", "length_bias": "len bias",
+                             "wasted_token_frac": "wasted"}).to_string(
         index=False, formatters={"samples/s": "{:.3g}".format, "tokens/s": "{:.3g}".format,
                                  "stale mean": "{:.2f}".format, "idle R": "{:.0%}".format,
-                                 "idle T": "{:.0%}".format, "idle L": "{:.0%}".format, "busy": "{:.0%}".format})
+                                 "idle T": "{:.0%}".format, "idle L": "{:.0%}".format, "busy": "{:.0%}".format,
+                                 "len bias": "{:+.0%}".format, "wasted": "{:.0%}".format})
 
 
 def plot(df: pd.DataFrame, front: pd.DataFrame, cfg: PlanConfig, path: Path) -> None:
@@ -165,8 +185,8 @@ def plot(df: pd.DataFrame, front: pd.DataFrame, cfg: PlanConfig, path: Path) -> 
                  ax=ax, legend="full", markers=False, dashes=True)
     bad = d[~d.kl_ok]
     ax.scatter(bad.eta, bad.samples_per_s, marker="x", c="0.3", s=30, label=f"too stale for {cfg.estimator}")
-    if d.kl_ok.any():
-        b = d[d.kl_ok].iloc[0]
+    if len(eligible(d)):
+        b = eligible(d).iloc[0]
         ax.scatter([b.eta], [b.samples_per_s], marker="*", s=260, c="crimson", zorder=5,
                    label=f"recommended: {b.split}, η={b.eta}")
     ax.axvline(cfg.max_eta[cfg.estimator], ls="--", c="0.5", lw=1)
@@ -174,10 +194,10 @@ def plot(df: pd.DataFrame, front: pd.DataFrame, cfg: PlanConfig, path: Path) -> 
     ax.set(xlabel="η (max staleness)", ylabel="samples/s (simulated)",
            title=f"{cfg.gpus} GPUs: rollout / teacher / learner GPUs per line")
     ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5))
-    if d.kl_ok.any():
-        pts = pd.concat([front, d[d.kl_ok].iloc[:1]])[["gpus_used", "samples_per_s"]]
+    if len(eligible(d)):
+        pts = pd.concat([front, eligible(d).iloc[:1]])[["gpus_used", "samples_per_s"]]
         fx.plot(pts.gpus_used, pts.samples_per_s, "o-", c="crimson")
-        fx.set(xlabel="GPU budget", ylabel="best samples/s", title=f"frontier at η = {d[d.kl_ok].iloc[0].eta}",
+        fx.set(xlabel="GPU budget", ylabel="best samples/s", title=f"frontier at η = {eligible(d).iloc[0].eta}",
                ylim=(0, None), xlim=(0, None))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -189,7 +209,7 @@ def main(dcfg: DictConfig) -> None:
     cfg: PlanConfig = OmegaConf.to_object(dcfg)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     df = run(cfg)
-    front = frontier(cfg, int(df[df.kl_ok].iloc[0].eta)) if df.kl_ok.any() else pd.DataFrame()
+    front = frontier(cfg, int(eligible(df).iloc[0].eta)) if len(eligible(df)) else pd.DataFrame()
     atomic_write(out_dir / "plan.csv", lambda tmp: df.to_csv(tmp, index=False))
     atomic_write(out_dir / "frontier.csv", lambda tmp: front.to_csv(tmp, index=False))
     if cfg.specs.enabled:

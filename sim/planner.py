@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -84,6 +85,7 @@ class PlanConfig:
     top: int = 10                        # rows in the printed table, >= 1
     tie_band: float = 0.02               # rows within this fraction of the best samples/s count as tied, [0, 1)
     frontier: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])  # budget fractions also planned
+    max_length_bias: Optional[float] = None   # |len_trained_mean / len_generated_mean − 1| allowed, >= 0; None: any
     specs: Specs = field(default_factory=Specs)   # specs.gpu set: costs derived per learner size (sim/specs.py),
                                                   # costs.* set by hand override them
 
@@ -109,6 +111,8 @@ class PlanConfig:
         if self.estimator not in self.max_eta:
             raise ValueError(f"estimator must be one of {sorted(self.max_eta)} (the presets with a measured η "
                              f"bound), got {self.estimator!r}; add one with +max_eta.{self.estimator}=<η>")
+        if self.max_length_bias is not None and not self.max_length_bias >= 0:
+            raise ValueError(f"max_length_bias must be >= 0 or null (no limit), got {self.max_length_bias!r}")
         if not 0 <= self.tie_band < 1:
             raise ValueError(f"tie_band must be in [0, 1), got {self.tie_band!r}")
         if not all(0 < f < 1 for f in self.frontier):
@@ -226,22 +230,28 @@ def run(cfg: PlanConfig) -> pd.DataFrame:
                 **{f"idle_{role}": 1 - u for role, u in util.items()},
                 busy_gpu_frac=sum(util[k] * gpus[k] for k in gpus) / shape.gpus,
                 latency_mean_s=s["latency_mean_s"], n_dropped=s["n_dropped"], n_trained=cfg.steps * cfg.workload.batch_size,
-                mean_len_generated=ell, bound_samples_per_s=min(rates.values()),
+                len_generated_mean=s["len_generated_mean"], len_trained_mean=s["len_trained_mean"],
+                length_bias=s["length_bias"], wasted_token_frac=s["wasted_token_frac"],
+                bias_ok=cfg.max_length_bias is None or abs(s["length_bias"]) <= cfg.max_length_bias,
+                bound_samples_per_s=min(rates.values()),
                 **{f"rate_{role}": rates.get(role, math.nan) for role in ("rollout", "teacher", "learner")},
                 bottleneck=max(util, key=util.get), kl_ok=kl_ok, advice=advice))
     return rank(pd.DataFrame(rows), cfg.tie_band)
 
 
 def rank(df: pd.DataFrame, tie_band: float) -> pd.DataFrame:
-    """kl_ok rows first. Among them, the rows within tie_band of the best samples/s are tied: a simulation of
-    `steps` steps cannot tell them apart, so the one that keeps its GPUs busiest (`busy_gpu_frac`, the
-    GPU-weighted utilisation) ranks first: it buys the same samples/s without parking GPUs on an idle role.
-    Every other row follows by samples/s. Rank 1 is the recommendation (`in_band` marks the tied rows)."""
-    best = df.samples_per_s[df.kl_ok].max() if df.kl_ok.any() else math.inf
-    df = df.assign(in_band=df.kl_ok & (df.samples_per_s >= (1 - tie_band) * best))
+    """Eligible rows first: kl_ok (η within the estimator's bound) and bias_ok (the length bias within
+    max_length_bias; True when the column is absent). Among them, the rows within tie_band of the best samples/s
+    are tied: a simulation of `steps` steps cannot tell them apart, so the one that keeps its GPUs busiest
+    (`busy_gpu_frac`, the GPU-weighted utilisation) ranks first: it buys the same samples/s without parking GPUs
+    on an idle role. Every other row follows by samples/s. Rank 1 is the recommendation (`in_band` marks the
+    tied rows)."""
+    ok = df.kl_ok & (df.bias_ok if "bias_ok" in df else True)
+    best = df.samples_per_s[ok].max() if ok.any() else math.inf
+    df = df.assign(_ok=ok, in_band=ok & (df.samples_per_s >= (1 - tie_band) * best))
     df = df.assign(_busy=np.where(df.in_band, df.busy_gpu_frac, 0.0))
-    df = df.sort_values(["kl_ok", "in_band", "_busy", "samples_per_s"], ascending=False, kind="stable")
-    df = df.drop(columns="_busy")
+    df = df.sort_values(["_ok", "kl_ok", "in_band", "_busy", "samples_per_s"], ascending=False, kind="stable")
+    df = df.drop(columns=["_busy", "_ok"])
     df.insert(0, "rank", range(1, len(df) + 1))
     return df.reset_index(drop=True)
 

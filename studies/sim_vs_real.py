@@ -6,8 +6,10 @@
 2. For every held-out configuration (another η, batch size, number of rollout workers or length distribution)
    predict samples/s and staleness with sim.model.simulate, from the calibrated costs alone; then run it for real.
 3. Write comparison.csv (config, measured and predicted samples/s and their relative error, measured and
-   predicted mean staleness, total-variation distance of the staleness histograms, drops, and the host's 1-min
-   load average when the run ended: on shared cores, other work slows a measured run), comparison.png, report.md.
+   predicted mean staleness, total-variation distance of the staleness histograms, drops, what the staleness policy
+   did to the data, measured (the run's run_info.json) and predicted (the simulator's summary), both from the one
+   Driver: drop_rate, length_bias, wasted_token_frac (asyncopd.data_skew), and the host's 1-min load average when
+   the run ended: on shared cores, other work slows a measured run), comparison.png, report.md.
 
 Throughput is measured on the steady window of both traces: from the end of learner step `warmup` to the end of
 the last step, samples/s = B·(steps in window)/window. Staleness covers every trained trajectory
@@ -57,6 +59,7 @@ from studies.cells import markdown
 log = logging.getLogger(__name__)
 BACKENDS = ("toy", "vllm_fsdp")          # the measured system: backends.run's backend, always exec=concurrent
 SCALES = ("default", "vllm")
+SKEW_COMPARED = ("drop_rate", "length_bias", "wasted_token_frac")   # asyncopd.data_skew, measured and predicted
 
 
 @dataclass
@@ -137,8 +140,10 @@ def measure(cfg: Config, spec: RunSpec, out: Path) -> dict:
     df = trace.read(out / "trace.csv")
     hist = pd.read_csv(out / "staleness_hist.csv")
     mean, p = hist_stats(dict(zip(hist.staleness, hist["count"])))
+    skew = json.loads((out / "run_info.json").read_text())       # the Driver's data-skew measures of the run
     return {"samples_per_s": window_rate(df, spec.batch_size, cfg.warmup), "staleness_mean": mean, "hist": p,
-            "dropped": int((df.kind == "drop").sum()), "host_load": load}
+            "dropped": int((df.kind == "drop").sum()), "host_load": load,
+            **{k: float(skew[k]) for k in SKEW_COMPARED}}
 
 
 def reference_lengths(toy: ToyConfig, length_power: float) -> np.ndarray:
@@ -163,7 +168,7 @@ def task_workload(toy: ToyConfig, spec: RunSpec, measured: np.ndarray, reference
 
 
 def predict(cfg: Config, spec: RunSpec, cluster, costs, workload: Workload) -> dict:
-    rates, means, hists, drops = [], [], [], []
+    rates, means, hists, drops, skews = [], [], [], [], []
     cluster = type(cluster)(**{**cluster.__dict__, "rollout_replicas": spec.rollout_workers,
                                "score_group": max(1, spec.batch_size // 4)})
     for seed in range(cfg.sim_seeds):
@@ -173,9 +178,11 @@ def predict(cfg: Config, spec: RunSpec, cluster, costs, workload: Workload) -> d
         means.append(m)
         hists.append(p)
         drops.append(s["n_dropped"])
+        skews.append([s[k] for k in SKEW_COMPARED])
     n = max(len(h) for h in hists)
     return {"samples_per_s": float(np.mean(rates)), "staleness_mean": float(np.mean(means)),
-            "hist": np.mean([np.pad(h, (0, n - len(h))) for h in hists], axis=0), "dropped": float(np.mean(drops))}
+            "hist": np.mean([np.pad(h, (0, n - len(h))) for h in hists], axis=0), "dropped": float(np.mean(drops)),
+            **dict(zip(SKEW_COMPARED, np.mean(skews, axis=0).tolist()))}
 
 
 def run(cfg: Config, out_dir: Path) -> pd.DataFrame:
@@ -202,6 +209,8 @@ def run(cfg: Config, out_dir: Path) -> pd.DataFrame:
                      "staleness_error": pred["staleness_mean"] - meas["staleness_mean"],
                      "staleness_tv_distance": tv_distance(meas["hist"], pred["hist"]),
                      "measured_dropped": meas["dropped"], "predicted_dropped": pred["dropped"],
+                     **{f"{side}_{k}": src[k] for k in SKEW_COMPARED
+                        for side, src in (("measured", meas), ("predicted", pred))},
                      "host_load_1min": meas["host_load"]})
         log.info("%s", rows[-1])
         pd.DataFrame(rows).to_csv(out_dir / "comparison.csv", index=False)

@@ -122,7 +122,13 @@ def test_stepped_writes_one_learner_step_event():
                                        (3.0, 0.25, "learner_step", 2, 2, -1, 3, 11, 1.0)]
     assert d.rec.events[-1].role == "learner"
     s = d.summary()
-    assert s == {"staleness_hist": {0: 3, 1: 3}, "staleness_in_flight_mean": 0.0, "staleness_in_queue_mean": 0.5}
+    assert {k: s[k] for k in ("staleness_hist", "staleness_in_flight_mean", "staleness_in_queue_mean")} == {
+        "staleness_hist": {0: 3, 1: 3}, "staleness_in_flight_mean": 0.0, "staleness_in_queue_mean": 0.5}
+    # lengths 4 6 5 trained at staleness 0, then 2 8 1 at staleness 1; nothing dropped: no skew
+    assert s["len_generated_mean"] == s["len_trained_mean"] == 26 / 6
+    assert (s["len_trained_p50"], s["len_trained_p90"]) == (4, 8)            # nearest rank of 1 2 4 5 6 8
+    assert s["length_w1"] == s["length_ks"] == s["length_bias"] == s["drop_rate"] == s["wasted_token_frac"] == 0
+    assert s["staleness_by_length"] == {"[1, 2)": 1.0, "[2, 4)": 1.0, "[4, 8)": 0.0, "[8, 16)": 1.0}
 
 
 def test_staleness_split_with_in_flight_updates():
@@ -141,9 +147,11 @@ def test_staleness_split_with_in_flight_updates():
     batch, v, dropped = train(d)
     assert batch.version == 3 and (v, dropped) == (4, [])
     assert rows(d, "learner_step")[-1][-1] == 3.0
-    assert d.summary() == {"staleness_hist": {0: 1, 1: 1, 2: 1, 3: 1},
-                           "staleness_in_flight_mean": 2 / 4,           # only u1: 2
-                           "staleness_in_queue_mean": (0 + 1 + 2 + 1) / 4}
+    s = d.summary()
+    assert {k: s[k] for k in ("staleness_hist", "staleness_in_flight_mean", "staleness_in_queue_mean")} == {
+        "staleness_hist": {0: 1, 1: 1, 2: 1, 3: 1},
+        "staleness_in_flight_mean": 2 / 4,                                       # only u1: 2
+        "staleness_in_queue_mean": (0 + 1 + 2 + 1) / 4}
 
 
 def test_state_restore_round_trips_through_json():
@@ -161,8 +169,11 @@ def test_state_restore_round_trips_through_json():
     resumed = Driver(Scheduler(d.sched.cfg, version=d.sched.version), Recorder(Clock()))
     resumed.restore(state)
     assert resumed.state() == d.state()
-    assert resumed.summary() == d.summary() == {"staleness_hist": {0: 2, 1: 2}, "staleness_in_flight_mean": 0.0,
-                                                "staleness_in_queue_mean": 0.5}
+    assert resumed.summary() == d.summary()
+    assert {k: d.summary()[k] for k in ("staleness_hist", "staleness_in_flight_mean", "staleness_in_queue_mean",
+                                        "len_trained_mean")} == {"staleness_hist": {0: 2, 1: 2},
+                                                                 "staleness_in_flight_mean": 0.0,
+                                                                 "staleness_in_queue_mean": 0.5, "len_trained_mean": 3}
     assert resumed.admit() == (4, 2) and [e.uid for e in resumed.rec.events] == [4]    # uids continue
     assert d.admit() == (4, 2)
     for x in (d, resumed):                                      # and both go on identically

@@ -250,8 +250,26 @@ def test_explanation_states_the_tie_the_frontier_and_the_drop_bias():
     assert lines[1].startswith("Binding:") and lines[2].startswith("Utilisation:")
     caveat = next(ln for ln in lines if ln.startswith("Caveat (on_stale=drop)"))
     assert f"{best.n_dropped} of {best.n_dropped + cfg.steps * 4} finished" in caveat
-    assert f"trained responses average {best.tokens_per_s / best.samples_per_s:.0f} tokens" in caveat
+    assert f"trained responses average {best.len_trained_mean:.0f} tokens against {best.len_generated_mean:.0f}" in caveat
+    assert best.length_bias < 0 and f"{best.wasted_token_frac:.0%} of the generated tokens" in caveat
     flat = frontier_lines(pd.DataFrame(dict(gpus_used=[4], samples_per_s=[best.samples_per_s * 0.995])), best, cfg)
     assert "less than the 2% tie band: 4 GPUs do the same work" in flat[0]
     steep = frontier_lines(pd.DataFrame(dict(gpus_used=[4], samples_per_s=[best.samples_per_s / 2])), best, cfg)
     assert "tie band" not in steep[0] and "buy +100%" in steep[0]
+
+
+def test_max_length_bias_sets_skewed_rows_aside():
+    """Drop mode on long-tailed lengths trains on shorter answers; with max_length_bias=0 only rows whose
+    trained lengths match the generated ones may be recommended, and the rows set aside are reported."""
+    w = Workload(batch_size=4, prompt_len=4, length=LengthDist("lognormal", 8, sigma=1.0, max=64))
+    free = run(small(costs=LATENCY_BOUND, estimator="forward_kl_topk", etas=[0, 1, 2], on_stale="drop", workload=w))
+    assert free.bias_ok.all() and (free[free.eta == 0].length_bias == 0).all() and (free.length_bias < 0).any()
+    cfg = small(costs=LATENCY_BOUND, estimator="forward_kl_topk", etas=[0, 1, 2], on_stale="drop", workload=w,
+                max_length_bias=0.0)
+    df = run(cfg)
+    assert list(df.bias_ok) == sorted(df.bias_ok, reverse=True) and df.iloc[0].length_bias == 0
+    assert (df.bias_ok == (df.length_bias.abs() <= 0)).all()
+    lines = explain(df, pd.DataFrame(), cfg)
+    assert any(ln.startswith(f"{(~df.bias_ok).sum()} rows within the η bound were set aside") for ln in lines)
+    with pytest.raises(ValueError, match="max_length_bias"):
+        small(max_length_bias=-0.1)

@@ -282,5 +282,10 @@ def test_sim_vs_real_smoke(tmp_path):
     assert (df.measured_samples_per_s > 0).all() and (df.predicted_samples_per_s > 0).all()
     sync = df.set_index("config").loc["sync"]
     assert sync.measured_staleness_mean == sync.predicted_staleness_mean == 0 and sync.staleness_tv_distance == 0
+    # synchronous: nothing dropped and the trained lengths are the generated ones, measured and predicted alike
+    assert sync.measured_drop_rate == sync.predicted_drop_rate == 0
+    assert sync.measured_length_bias == sync.predicted_length_bias == 0 and sync.measured_wasted_token_frac == 0
+    assert set(df.columns) >= {f"{side}_{k}" for side in ("measured", "predicted")
+                               for k in ("drop_rate", "length_bias", "wasted_token_frac")}
     for name in ("report.md", "comparison.png", "calibration/cluster/calibrated.yaml"):
         assert (out / name).stat().st_size > 0
