@@ -50,6 +50,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from asyncopd import trace
+from asyncopd.data_skew import SCALARS as SKEW_SCALARS
 from asyncopd.config import check_finite
 from asyncopd.scheduler import ON_STALE, SchedulerConfig
 from backends.toy import ToyConfig
@@ -185,7 +186,8 @@ def simulate_cell(cell: dict) -> tuple[dict, dict]:
                weight_sync_s=c.weight_sync_s,
                staleness_mean=s["staleness_mean"], staleness_max=s["staleness_max"],
                drop_fraction=s["n_dropped"] / (s["n_dropped"] + sum(s["staleness_hist"].values())),
-               util_rollout=s["util_rollout"], util_teacher=s["util_teacher"], util_learner=s["util_learner"])
+               util_rollout=s["util_rollout"], util_teacher=s["util_teacher"], util_learner=s["util_learner"],
+               **{k: s[k] for k in SKEW_SCALARS})           # what the policy did to the data (asyncopd.data_skew)
     return row, s["staleness_hist"]
 
 

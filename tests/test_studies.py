@@ -289,3 +289,22 @@ def test_sim_vs_real_smoke(tmp_path):
                                for k in ("drop_rate", "length_bias", "wasted_token_frac")}
     for name in ("report.md", "comparison.png", "calibration/cluster/calibrated.yaml"):
         assert (out / name).stat().st_size > 0
+
+
+def test_length_bias_smoke(tmp_path):
+    """One shape, η ∈ {1, 2}, drop and wait, and a measured toy point per policy: wait never drops and shows no
+    length skew (simulated and measured), drop never trains longer answers than it generates."""
+    out = tmp_path / "out"
+    env = {**os.environ, "ASYNCOPD_CACHE": str(tmp_path / "cache")}
+    p = subprocess.run([sys.executable, "-m", "studies.length_bias", "scale=smoke", f"hydra.run.dir={out}"],
+                       env=env, cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]
+    sim = pd.read_csv(out / "results.csv")
+    assert sorted(zip(sim.eta, sim.on_stale)) == [(1, "drop"), (1, "wait"), (2, "drop"), (2, "wait")]
+    wait, drop = sim[sim.on_stale == "wait"], sim[sim.on_stale == "drop"]
+    assert (wait.drop_rate == 0).all() and (wait.length_bias == 0).all() and (wait.wasted_token_frac == 0).all()
+    assert (drop.length_bias <= 0).all() and (drop.drop_rate > 0).all()
+    toy = pd.read_csv(out / "toy" / "comparison.csv").set_index("config")
+    assert list(toy.index) == ["calibration", "drop1", "wait1"]
+    assert toy.loc["wait1", "measured_drop_rate"] == toy.loc["wait1", "measured_length_bias"] == 0
+    assert "## Claims" in (out / "report.md").read_text() and (out / "length_bias.png").stat().st_size > 10_000
