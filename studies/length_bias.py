@@ -118,9 +118,9 @@ def plot(sim: pd.DataFrame, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, y, label in ((axes[0], "length_bias", "trained / generated mean length − 1"),
                          (axes[1], "tokens_per_s", "trained tokens/s")):
-        sns.lineplot(sim, x="eta", y=y, hue="shape", style="on_stale", markers=True, ax=ax)
+        sns.lineplot(sim, x="eta", y=y, hue="shape", style="on_stale", markers=True, ax=ax, legend=ax is axes[1])
         ax.set(xlabel="η (max staleness)", ylabel=label)
-        ax.legend(fontsize=7)
+    axes[1].legend(fontsize=7, loc="upper left")
     axes[0].axhline(0, c="0.6", lw=0.8)
     fig.suptitle("drop trains shorter answers than it generates; wait does not")
     fig.tight_layout()
