@@ -12,8 +12,12 @@ prediction from the calibrated costs.
     python -m studies.length_bias                 # ~3 min on 2 cores with the toy models cached
     python -m studies.length_bias scale=smoke     # tiny, for tests
 
-Left out (not built yet): a pacing or oldest-first admission policy beyond drop and wait, and the training
-comparison (does the skew move the student's response length and accuracy?).
+Then a short training comparison: the same concurrent toy run (kl_direction's student, forward KL top-k,
+`train_steps` steps, one rollout worker with the teacher beside it) with drop and with wait at η = train_eta, on
+the same seeds: held-out accuracy and response length at the end, the trained vs generated mean length, the
+share of tokens dropped, and the wall time. Does the skew move the student?
+
+Left out (not built yet): a pacing or oldest-first admission policy beyond drop and wait.
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from backends.run import RunConfig, run as run_backend
 from backends.toy import ToyConfig
+from backends.toy_concurrent import ConcurrentConfig
 from studies import sim_vs_real, throughput
 from studies.cells import markdown
 
@@ -56,12 +62,16 @@ class Config:
     toy_batch_size: int = 64
     sim_seeds: int = 3                   # simulations per toy prediction, >= 1
     toy: ToyConfig = field(default_factory=ToyConfig)
+    train_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])   # training comparison; [] = skip it
+    train_eta: int = 1                   # η of the training comparison, >= 1
+    train_steps: int = 150
+    train_toy: ToyConfig = field(default_factory=ToyConfig)   # its task, models and learner
 
     def __post_init__(self):
         for name, ok, rule in (("etas", self.etas and min(self.etas) >= 1, "a non-empty list of ints >= 1"),
                                ("warmup", self.warmup >= 1, ">= 1"), ("steps", self.steps > self.warmup, "> warmup"),
                                ("workers", self.workers >= 1, ">= 1"), ("toy_eta", self.toy_eta >= 1, ">= 1"),
-                               ("sim_seeds", self.sim_seeds >= 1, ">= 1")):
+                               ("sim_seeds", self.sim_seeds >= 1, ">= 1"), ("train_eta", self.train_eta >= 1, ">= 1")):
             if not ok:
                 raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
 
@@ -91,6 +101,36 @@ def measured(cfg: Config, out_dir: Path) -> pd.DataFrame:
                              configs=[spec(f"{m}{cfg.toy_eta}", cfg.toy_eta, m) for m in ("drop", "wait")],
                              steps=cfg.toy_steps, warmup=5, sim_seeds=cfg.sim_seeds, toy=cfg.toy)
     return sim_vs_real.run(svr, out_dir)
+
+
+def trained(cfg: Config, out_dir: Path) -> pd.DataFrame:
+    """The training comparison: one row per policy × seed, from each run's metrics.csv."""
+    rows = []
+    for mode, seed in ((m, s) for s in cfg.train_seeds for m in ("drop", "wait")):
+        run_cfg = RunConfig(exec="concurrent", staleness=str(cfg.train_eta), steps=cfg.train_steps, seed=seed,
+                            toy=cfg.train_toy, concurrent=ConcurrentConfig(
+                                rollout_workers=1, placement="colocate_teacher_with_rollout", on_stale=mode))
+        m = run_backend(run_cfg, out_dir / f"{mode}{seed}")
+        first, last = m[m.accuracy.notna()].iloc[0], m.iloc[-1]
+        rows.append(dict(on_stale=mode, seed=seed, initial_accuracy=first.accuracy, accuracy=last.accuracy,
+                         eval_response_len=last.eval_response_len, len_trained_mean=last.len_trained_mean,
+                         len_generated_mean=last.len_generated_mean, wasted_token_frac=last.wasted_token_frac,
+                         wall_s=m.step_s.sum()))
+    return pd.DataFrame(rows)
+
+
+def training_claim(train: pd.DataFrame, eval_prompts: int) -> str:
+    drop, wait = (train[train.on_stale == m].set_index("seed") for m in ("drop", "wait"))
+    gap = (wait.accuracy - drop.accuracy).mean()
+    band = 2 * (0.25 / eval_prompts) ** 0.5                # two binomial standard errors at p = 0.5
+    return (f"Training (toy, {len(drop)} seeds): drop trains answers {drop.len_trained_mean.mean():.2f} tokens long "
+            f"against {drop.len_generated_mean.mean():.2f} generated and wastes {drop.wasted_token_frac.mean():.0%} "
+            f"of its tokens; final held-out accuracy drop {drop.accuracy.mean():.3f} "
+            f"({drop.accuracy.min():.3f}–{drop.accuracy.max():.3f}), wait {wait.accuracy.mean():.3f} "
+            f"({wait.accuracy.min():.3f}–{wait.accuracy.max():.3f}): wait {gap:+.1%} points on average "
+            f"({'beyond' if abs(gap) > band else 'within'} the ±{band:.1%} band of one evaluation); held-out response "
+            f"length drop {drop.eval_response_len.mean():.2f}, wait {wait.eval_response_len.mean():.2f}; wall time "
+            f"wait / drop {wait.wall_s.mean() / drop.wall_s.mean():.2f}x.")
 
 
 def claims(sim: pd.DataFrame, toy: pd.DataFrame | None) -> list[str]:
@@ -128,18 +168,23 @@ def plot(sim: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def report(sim: pd.DataFrame, toy: pd.DataFrame | None) -> str:
+def report(sim: pd.DataFrame, toy: pd.DataFrame | None, train: pd.DataFrame | None = None,
+           eval_prompts: int = 0) -> str:
     lines = ["# length_bias: what the staleness policy does to the training data", "",
              "Simulated on the example shapes (their own split and workload), drop vs wait, from the one Driver's "
              "measures (asyncopd/data_skew.py). length_bias = trained mean length / generated mean length − 1; "
              "length_w1 in tokens; wasted_token_frac = tokens of dropped rollouts / tokens of every resolved rollout.",
-             "", "## Claims", "", *[f"- {c}" for c in claims(sim, toy)], "", "## Simulated", "",
+             "", "## Claims", "", *[f"- {c}" for c in claims(sim, toy)],
+             *([f"- {training_claim(train, eval_prompts)}"] if train is not None and len(train) else []),
+             "", "## Simulated", "",
              markdown(sim, floatfmt=".3g"), ""]
     if toy is not None:
         cols = ["config", "eta", "on_stale", "measured_samples_per_s", "predicted_samples_per_s", "rel_error",
                 *[f"{s}_{k}" for k in ("drop_rate", "length_bias", "wasted_token_frac") for s in ("measured", "predicted")]]
         lines += ["## Measured toy points (concurrent, calibrated on a drop run at η = 1)", "",
                   markdown(toy[cols], floatfmt=".3g"), ""]
+    if train is not None and len(train):
+        lines += ["## Training comparison (toy, concurrent, same seeds)", "", markdown(train, floatfmt=".3g"), ""]
     return "\n".join(lines + ["![length bias](length_bias.png)", ""])
 
 
@@ -148,10 +193,13 @@ def main(dcfg: DictConfig) -> None:
     cfg: Config = OmegaConf.to_object(dcfg)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     toy = measured(cfg, out_dir / "toy") if cfg.measure_toy else None   # first: simulations would slow it down
+    train = trained(cfg, out_dir / "train") if cfg.train_seeds else None
     sim = simulated(cfg)
     sim.to_csv(out_dir / "results.csv", index=False)
+    if train is not None:
+        train.to_csv(out_dir / "training.csv", index=False)
     plot(sim, out_dir / "length_bias.png")
-    (out_dir / "report.md").write_text(text := report(sim, toy))
+    (out_dir / "report.md").write_text(text := report(sim, toy, train, cfg.train_toy.eval_prompts))
     print(text)
     print(f"results.csv, report.md and length_bias.png in {out_dir}")
 

@@ -308,3 +308,6 @@ def test_length_bias_smoke(tmp_path):
     assert list(toy.index) == ["calibration", "drop1", "wait1"]
     assert toy.loc["wait1", "measured_drop_rate"] == toy.loc["wait1", "measured_length_bias"] == 0
     assert "## Claims" in (out / "report.md").read_text() and (out / "length_bias.png").stat().st_size > 10_000
+    train = pd.read_csv(out / "training.csv")
+    assert list(zip(train.on_stale, train.seed)) == [("drop", 0), ("wait", 0)]
+    assert (train[train.on_stale == "wait"].wasted_token_frac == 0).all() and (train.wall_s > 0).all()
