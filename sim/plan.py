@@ -147,7 +147,8 @@ def frontier_lines(front: pd.DataFrame, best, cfg: PlanConfig) -> list[str]:
     if front.empty:
         return []
     points = [*zip(front.gpus_used, front.samples_per_s), (best.gpus_used, best.samples_per_s)]
-    line = "Frontier at η = {}: ".format(best.eta) + ", ".join(f"{g} GPUs → {s:.3g}" for g, s in points) + " samples/s."
+    line = (f"Frontier at η = {best.eta}: " + ", ".join(f"{g} GPUs → {s:.3g}" for g, s in points)
+            + " samples/s.")
     g_prev, s_prev = points[-2]
     gain = best.samples_per_s / s_prev - 1
     if gain < cfg.tie_band:

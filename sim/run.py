@@ -14,9 +14,10 @@ A calibrated cost file (`python -m sim.calibrate`) is used with `--config-dir <i
 
 Outputs in hydra.run.dir: trace.csv + trace.json (Perfetto) in the schema of asyncopd.trace, staleness_hist.csv
 (staleness of every trained trajectory), summary.json (samples_per_s, tokens_per_s, staleness_mean/max, the
-staleness split staleness_in_flight_mean / staleness_in_queue_mean, util_rollout/teacher/learner, in_flight_mean,
-latency_mean_s, n_events, what the staleness policy did to the data: len_generated_mean, len_trained_mean,
-length_w1, length_bias, drop_rate, wasted_token_frac, staleness_by_length (asyncopd.data_skew), ...), and with schedule=true the scheduler's operation log (schedule.json); every file
+staleness split staleness_in_flight_mean / staleness_in_queue_mean, util_rollout/teacher/learner,
+in_flight_mean, latency_mean_s, n_events, what the staleness policy did to the data: len_generated_mean,
+len_trained_mean, length_w1, length_bias, drop_rate, wasted_token_frac, staleness_by_length
+(asyncopd.data_skew), ...), and with schedule=true the scheduler's operation log (schedule.json); every file
 is written atomically. Prints one line of the main figures. Invalid shapes, costs or workloads raise ValueError
 naming the field, so the command exits non-zero.
 

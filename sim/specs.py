@@ -273,7 +273,8 @@ def costs_for(specs: Specs, cluster: ClusterShape, workload: Workload, typed: Co
     if not specs.enabled:
         return typed
     default = CostModel()
-    overrides = {f: getattr(typed, f) for f in CostModel.__dataclass_fields__ if getattr(typed, f) != getattr(default, f)}
+    overrides = {f: getattr(typed, f) for f in CostModel.__dataclass_fields__
+                 if getattr(typed, f) != getattr(default, f)}
     return replace(costs_from_specs(specs, cluster, workload), **overrides)
 
 

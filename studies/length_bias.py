@@ -180,7 +180,8 @@ def report(sim: pd.DataFrame, toy: pd.DataFrame | None, train: pd.DataFrame | No
              markdown(sim, floatfmt=".3g"), ""]
     if toy is not None:
         cols = ["config", "eta", "on_stale", "measured_samples_per_s", "predicted_samples_per_s", "rel_error",
-                *[f"{s}_{k}" for k in ("drop_rate", "length_bias", "wasted_token_frac") for s in ("measured", "predicted")]]
+                *[f"{side}_{k}" for k in ("drop_rate", "length_bias", "wasted_token_frac")
+                  for side in ("measured", "predicted")]]
         lines += ["## Measured toy points (concurrent, calibrated on a drop run at η = 1)", "",
                   markdown(toy[cols], floatfmt=".3g"), ""]
     if train is not None and len(train):
