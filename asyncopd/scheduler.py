@@ -42,22 +42,7 @@ The ready pool is ordered oldest first, by (behav_version, arrival order); a bat
   at v=2 both b and c have β = 0 = v − η and one of them would reach staleness 3. Training oldest first
   avoids this. It cannot deadlock: once the in-flight rollouts finish and the driver admits to capacity,
   (η+1)·B ≥ B trajectories are untrained and ready.
-- on_stale="deadline": nothing is dropped, and the learner waits only as long as it must. Each untrained
-  trajectory has a deadline d = a + η, the last version it may be trained at (a = its admission version while
-  in flight, its behav_version β ≥ a once ready). next_batch takes the B ready trajectories with the earliest
-  deadlines (the ready pool's oldest first) and returns them iff the untrained ones left behind stay schedulable
-  by earliest deadline first, one batch of B per version: for every u ≥ v, at most (u − v)·B of them have
-  d ≤ u (none with d ≤ v). The capacity rule makes this hold for the whole untrained set at every version
-  (admissions at versions ≤ u − η number at most (u+1)·B, of which v·B are trained), so it holds again after
-  any batch of the B earliest deadlines; the check only refuses a batch of fresh rollouts that would leave an
-  older one unschedulable. Hence: every trained staleness ≤ η, nothing is ever dropped (no length bias), and no
-  deadlock (once the in-flight rollouts finish, the B earliest deadlines are ready and feasible, as in wait
-  mode). Unlike wait it trains fresh rollouts while an older one is in flight whenever that one's deadline
-  still leaves room: B=1, η=3, with b (version 0) in flight it trains c (version 1) at v=1 and d at v=2, then
-  waits for b at v=3. For η ≤ 1 it coincides with wait. (Earliest-deadline-first feasibility: Liu & Layland
-  1973.) The naive rule "never step past an unfinished deadline" is not enough: B=1, η=2, a, b, c admitted at
-  0, c then a fresh d trained first leaves a and b both due at version 2.
-- η = 0 is synchronous training in all three modes: at most (v+1)·B admissions at version ≤ v and v·B trained leave
+- η = 0 is synchronous training in both modes: at most (v+1)·B admissions at version ≤ v and v·B trained leave
   ≤ B untrained, so batch v is exactly the B rollouts admitted at version v and nothing is ever dropped.
 
 **fixed:k mode** (fixed_staleness=k), deterministic, for lockstep science runs (the n-step-off protocol).
@@ -90,7 +75,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:   # rollout.py imports torch, and a run checks its config (SchedulerConfig) before torch loads
     from asyncopd.rollout import Batch, Trajectory
 
-ON_STALE = ("drop", "wait", "deadline")
+ON_STALE = ("drop", "wait")
 
 
 def _is_int(x) -> bool:
@@ -101,7 +86,7 @@ def _is_int(x) -> bool:
 class SchedulerConfig:
     batch_size: int = 64                 # trajectories per learner step (B), >= 1
     max_staleness: int = 1               # η in weight versions: 0 = synchronous, 1 = one-step-off, >= 0
-    on_stale: str = "drop"               # "drop" | "wait" | "deadline" (str, not Literal: OmegaConf schema types)
+    on_stale: str = "drop"               # "drop" | "wait" (str, not Literal: OmegaConf schema types)
     fixed_staleness: int | None = None   # k for the deterministic fixed:k mode; None = bounded-async mode
 
     def __post_init__(self):
@@ -232,8 +217,6 @@ class Scheduler:
                 oldest_flying = min(self._flying)
                 if sum(n for w, n in self._ready_versions.items() if w <= oldest_flying) < B:
                     return None
-        if self.cfg.on_stale == "deadline" and not self.fixed and not self._deadlines_feasible():
-            return None
         from asyncopd.rollout import Batch   # here, not at the top: a config check imports no torch
         trajs = [self._pop_ready() for _ in range(B)]
         batch = Batch(trajs=trajs, version=self.version, n_dropped=self._drops_since_batch)
@@ -259,23 +242,6 @@ class Scheduler:
         (drops happen inside on_rollout_done and on_learner_step)."""
         out, self._dropped = self._dropped, []
         return out
-
-    def _deadlines_feasible(self) -> bool:
-        """Deadline mode: after a batch of the B earliest-deadline ready trajectories, can the untrained rest still
-        be trained by earliest deadline first, B per version? For every deadline u: #{left with d ≤ u} ≤ (u − v)·B."""
-        B, eta, v = self.cfg.batch_size, self.cfg.max_staleness, self.version
-        left = Counter({a + eta: n for a, n in self._flying.items()})   # in flight: deadline from admission
-        take = B
-        for w in sorted(self._ready_versions):                           # the batch takes the oldest ready
-            n = self._ready_versions[w]
-            left[w + eta] += n - min(n, take)
-            take -= min(n, take)
-        cum = 0
-        for d in sorted(k for k, n in left.items() if n):
-            cum += left[d]
-            if cum > (d - v) * B:
-                return False
-        return True
 
     def _pop_ready(self) -> Trajectory:
         w, _, traj = heapq.heappop(self._ready)

@@ -186,43 +186,6 @@ def test_wait_trains_oldest_first_when_eta_ge_2():
     assert sched.n_dropped == 0
 
 
-def test_deadline_trains_fresh_rollouts_while_an_old_one_still_has_time():
-    # B=1, η=3: b (version 0) stays in flight; wait refuses c and d, deadline trains them and takes b at its deadline
-    outcomes = {}
-    for on_stale in ("wait", "deadline"):
-        sched, f = Scheduler(SchedulerConfig(batch_size=1, max_staleness=3, on_stale=on_stale)), {}
-        assert admit(sched, f, 2) == [0, 0]                      # a, b = uids 0, 1
-        done(sched, f, 0)
-        assert uids(sched.next_batch()) == [0]
-        sched.on_learner_step()                                  # v = 1
-        assert admit(sched, f) == [1]                            # c = uid 2
-        done(sched, f, 2)
-        trained = []
-        while (b := sched.next_batch()) is not None:             # fresh rollouts trained while b is in flight
-            trained.append((uids(b), b.staleness))
-            sched.on_learner_step()
-            admit(sched, f)
-            done(sched, f, max(f))
-        outcomes[on_stale] = (trained, sched.version)
-    assert outcomes["wait"] == ([], 1)
-    assert outcomes["deadline"] == ([([2], [0]), ([3], [0])], 3)  # c at v=1, d at v=2; at v=3 b is due
-    done(sched, f, 1)
-    assert (uids(b := sched.next_batch()), b.staleness) == ([1], [3]) and sched.n_dropped == 0
-
-
-def test_deadline_refuses_the_batch_the_naive_rule_would_deadlock_on():
-    # the case of the docstring: B=1, η=2, a, b, c admitted at 0, a trained, fresh d ready while b, c fly
-    sched, f = Scheduler(SchedulerConfig(batch_size=1, max_staleness=2, on_stale="deadline")), {}
-    assert admit(sched, f, 3) == [0, 0, 0]
-    done(sched, f, 0)
-    sched.next_batch(), sched.on_learner_step()
-    assert admit(sched, f) == [1]                                # d = uid 3
-    done(sched, f, 3)
-    assert sched.next_batch() is None                            # training d now would leave b and c both due at 2
-    done(sched, f, 1)
-    assert (uids(b := sched.next_batch()), b.staleness) == ([1], [1])
-
-
 def test_drop_same_schedule_eta2_drops_the_laggard():
     sched, f = Scheduler(SchedulerConfig(batch_size=1, max_staleness=2, on_stale="drop")), {}
     admit(sched, f, 3)
@@ -306,7 +269,7 @@ OPS = st.lists(st.tuples(st.sampled_from(["admit", "admit", "done", "step"]), st
                min_size=30, max_size=150)                      # long enough for stragglers to matter
 
 
-@pytest.mark.parametrize("on_stale", ["drop", "wait", "deadline"])
+@pytest.mark.parametrize("on_stale", ["drop", "wait"])
 @pytest.mark.parametrize("eta", [0, 1, 2, 3])
 @given(ops=OPS, B=st.integers(1, 3))
 def test_bounded_async_properties(eta, on_stale, ops, B):
@@ -318,8 +281,8 @@ def test_bounded_async_properties(eta, on_stale, ops, B):
         assert all(0 <= s <= eta for s in b.staleness)
         if eta == 0:
             assert all(t.behav_version == v for t in b.trajs)    # sync: batch v = the rollouts admitted at v
-    if on_stale in ("wait", "deadline") or eta == 0:
-        assert sched.n_dropped == 0                           # deadline: no drop, no deadlock (drain), ≤ η
+    if on_stale == "wait" or eta == 0:
+        assert sched.n_dropped == 0
     assert sum(b.n_dropped for b in batches) <= sched.n_dropped
 
 

@@ -300,15 +300,14 @@ def test_length_bias_smoke(tmp_path):
                        env=env, cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-3000:]
     sim = pd.read_csv(out / "results.csv")
-    assert sorted(zip(sim.eta, sim.on_stale)) == [(e, m) for e in (1, 2) for m in ("deadline", "drop", "wait")]
-    wait, drop = sim[sim.on_stale != "drop"], sim[sim.on_stale == "drop"]          # wait and deadline never drop
+    assert sorted(zip(sim.eta, sim.on_stale)) == [(1, "drop"), (1, "wait"), (2, "drop"), (2, "wait")]
+    wait, drop = sim[sim.on_stale == "wait"], sim[sim.on_stale == "drop"]
     assert (wait.drop_rate == 0).all() and (wait.length_bias == 0).all() and (wait.wasted_token_frac == 0).all()
     assert (drop.length_bias <= 0).all() and (drop.drop_rate > 0).all()
     toy = pd.read_csv(out / "toy" / "comparison.csv").set_index("config")
-    assert list(toy.index) == ["calibration", "drop1", "wait1", "deadline1"]
-    for mode in ("wait1", "deadline1"):
-        assert toy.loc[mode, "measured_drop_rate"] == toy.loc[mode, "measured_length_bias"] == 0
+    assert list(toy.index) == ["calibration", "drop1", "wait1"]
+    assert toy.loc["wait1", "measured_drop_rate"] == toy.loc["wait1", "measured_length_bias"] == 0
     assert "## Claims" in (out / "report.md").read_text() and (out / "length_bias.png").stat().st_size > 10_000
     train = pd.read_csv(out / "training.csv")
-    assert list(zip(train.on_stale, train.seed)) == [("drop", 0), ("wait", 0), ("deadline", 0)]
-    assert (train[train.on_stale != "drop"].wasted_token_frac == 0).all() and (train.wall_s > 0).all()
+    assert list(zip(train.on_stale, train.seed)) == [("drop", 0), ("wait", 0)]
+    assert (train[train.on_stale == "wait"].wasted_token_frac == 0).all() and (train.wall_s > 0).all()
