@@ -38,18 +38,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from asyncopd.files import atomic_write
-from sim.planner import FORWARD, PlanConfig, frontier, run
+from sim.planner import FORWARD, PlanConfig, eligible, frontier, run
 from sim.specs import derivation
 
 plt.switch_backend("Agg")
 SATURATED = 0.9        # a role busier than this share of the time is the binding one
 ROLES = ("rollout", "teacher", "learner")
-
-
-def eligible(df: pd.DataFrame) -> pd.DataFrame:
-    """The rows a recommendation may come from: η within the estimator's bound and the length bias within
-    max_length_bias (sim.planner.rank puts them first)."""
-    return df[df.kl_ok & df.bias_ok]
 
 
 def split_name(row, cfg: PlanConfig) -> str:
@@ -62,7 +56,7 @@ def split_name(row, cfg: PlanConfig) -> str:
 def recommend(df: pd.DataFrame, cfg: PlanConfig) -> str:
     """One line: rank 1 (the best kl_ok row after the tie-break), and the best row forward KL's bound allows."""
     e, lim, fwd = cfg.estimator, cfg.max_eta[cfg.estimator], cfg.max_eta[FORWARD]
-    ok = eligible(df)
+    ok = df[eligible(df)]
     if ok.empty:
         limit = "" if cfg.max_length_bias is None else f" and max_length_bias={cfg.max_length_bias}"
         return (f"No candidate fits {e}'s tolerated η ≤ {lim}{limit}: add an η ≤ {lim} to etas"
@@ -105,7 +99,7 @@ def binding(row, cfg: PlanConfig) -> str:
 
 def explain(df: pd.DataFrame, front: pd.DataFrame, cfg: PlanConfig) -> list[str]:
     """The lines printed under the table (module docstring)."""
-    ok = eligible(df)
+    ok = df[eligible(df)]
     if ok.empty:
         return [recommend(df, cfg)]
     best = ok.iloc[0]
@@ -186,8 +180,9 @@ def plot(df: pd.DataFrame, front: pd.DataFrame, cfg: PlanConfig, path: Path) -> 
                  ax=ax, legend="full", markers=False, dashes=True)
     bad = d[~d.kl_ok]
     ax.scatter(bad.eta, bad.samples_per_s, marker="x", c="0.3", s=30, label=f"too stale for {cfg.estimator}")
-    if len(eligible(d)):
-        b = eligible(d).iloc[0]
+    ok = d[eligible(d)]
+    if len(ok):
+        b = ok.iloc[0]
         ax.scatter([b.eta], [b.samples_per_s], marker="*", s=260, c="crimson", zorder=5,
                    label=f"recommended: {b.split}, η={b.eta}")
     ax.axvline(cfg.max_eta[cfg.estimator], ls="--", c="0.5", lw=1)
@@ -195,10 +190,10 @@ def plot(df: pd.DataFrame, front: pd.DataFrame, cfg: PlanConfig, path: Path) -> 
     ax.set(xlabel="η (max staleness)", ylabel="samples/s (simulated)",
            title=f"{cfg.gpus} GPUs: rollout / teacher / learner GPUs per line")
     ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5))
-    if len(eligible(d)):
-        pts = pd.concat([front, eligible(d).iloc[:1]])[["gpus_used", "samples_per_s"]]
+    if len(ok):
+        pts = pd.concat([front, ok.iloc[:1]])[["gpus_used", "samples_per_s"]]
         fx.plot(pts.gpus_used, pts.samples_per_s, "o-", c="crimson")
-        fx.set(xlabel="GPU budget", ylabel="best samples/s", title=f"frontier at η = {eligible(d).iloc[0].eta}",
+        fx.set(xlabel="GPU budget", ylabel="best samples/s", title=f"frontier at η = {ok.iloc[0].eta}",
                ylim=(0, None), xlim=(0, None))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -210,7 +205,8 @@ def main(dcfg: DictConfig) -> None:
     cfg: PlanConfig = OmegaConf.to_object(dcfg)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     df = run(cfg)
-    front = frontier(cfg, int(eligible(df).iloc[0].eta)) if len(eligible(df)) else pd.DataFrame()
+    ok = df[eligible(df)]
+    front = frontier(cfg, int(ok.iloc[0].eta)) if len(ok) else pd.DataFrame()
     atomic_write(out_dir / "plan.csv", lambda tmp: df.to_csv(tmp, index=False))
     atomic_write(out_dir / "frontier.csv", lambda tmp: front.to_csv(tmp, index=False))
     if cfg.specs.enabled:

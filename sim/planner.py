@@ -240,14 +240,18 @@ def run(cfg: PlanConfig) -> pd.DataFrame:
     return rank(pd.DataFrame(rows), cfg.tie_band)
 
 
+def eligible(df: pd.DataFrame) -> pd.Series:
+    """The rows a recommendation may come from: kl_ok (η within the estimator's bound) and bias_ok (the length
+    bias within max_length_bias; True when the column is absent)."""
+    return df.kl_ok & (df.bias_ok if "bias_ok" in df else True)
+
+
 def rank(df: pd.DataFrame, tie_band: float) -> pd.DataFrame:
-    """Eligible rows first: kl_ok (η within the estimator's bound) and bias_ok (the length bias within
-    max_length_bias; True when the column is absent). Among them, the rows within tie_band of the best samples/s
-    are tied: a simulation of `steps` steps cannot tell them apart, so the one that keeps its GPUs busiest
+    """`eligible` rows first. Among them, the rows within tie_band of the best samples/s are tied: a simulation of `steps` steps cannot tell them apart, so the one that keeps its GPUs busiest
     (`busy_gpu_frac`, the GPU-weighted utilisation) ranks first: it buys the same samples/s without parking GPUs
     on an idle role. Every other row follows by samples/s. Rank 1 is the recommendation (`in_band` marks the
     tied rows)."""
-    ok = df.kl_ok & (df.bias_ok if "bias_ok" in df else True)
+    ok = eligible(df)
     best = df.samples_per_s[ok].max() if ok.any() else math.inf
     df = df.assign(_ok=ok, in_band=ok & (df.samples_per_s >= (1 - tie_band) * best))
     df = df.assign(_busy=np.where(df.in_band, df.busy_gpu_frac, 0.0))

@@ -23,9 +23,7 @@ Left out (not built yet): a pacing or oldest-first admission policy beyond drop 
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import hydra
@@ -35,7 +33,6 @@ import seaborn as sns
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from backends.run import RunConfig, run as run_backend
 from backends.toy import ToyConfig
@@ -87,9 +84,7 @@ def simulated(cfg: Config) -> pd.DataFrame:
                              learner_gpus=sorted({c.learner_gpus for c, _, _ in loaded}),
                              steps=cfg.steps, warmup=cfg.warmup, seeds=[0], workers=cfg.workers, measure_toy=False)
     todo = [c for c in throughput.cells(tcfg) if c["default_split"] and c["workload_sigma"] and c["eta"] > 0]
-    with ProcessPoolExecutor(cfg.workers, mp_context=get_context("fork")) as pool:
-        done = list(tqdm(pool.map(throughput.simulate_cell, todo), total=len(todo), desc="length_bias simulations",
-                         unit="sim"))
+    done = throughput.simulate_cells(todo, cfg.workers, "length_bias simulations")
     return pd.DataFrame([row for row, _ in done])[["shape", "eta", "on_stale", *MEASURES]]
 
 

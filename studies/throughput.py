@@ -191,6 +191,13 @@ def simulate_cell(cell: dict) -> tuple[dict, dict]:
     return row, s["staleness_hist"]
 
 
+def simulate_cells(todo: list[dict], workers: int, desc: str) -> list[tuple[dict, dict]]:
+    """`simulate_cell` of every cell, over `workers` processes, with a progress bar."""
+    with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:   # fork: no re-import per worker
+        return list(tqdm(pool.map(simulate_cell, todo, chunksize=max(1, len(todo) // (20 * workers))),
+                         total=len(todo), desc=desc, unit="sim"))
+
+
 def add_speedups(df: pd.DataFrame) -> pd.DataFrame:
     """speedup and token_speedup vs the η = 0 row of the same split; speedup_vs_best_sync vs the fastest η = 0 split
     of the same (shape, σ, seed), whose learner GPUs are best_sync_learner_gpus."""
@@ -222,10 +229,7 @@ def run(cfg: Config, out_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.Data
     """(results with speedups, staleness histograms, toy point or None). The toy point is measured first: it times
     real processes, which the simulations would slow down."""
     toy = measure_toy_point(cfg.toy_point, Path(out_dir) / "toy_point") if cfg.measure_toy else None
-    todo = cells(cfg)
-    with ProcessPoolExecutor(cfg.workers, mp_context=get_context("fork")) as pool:   # fork: no re-import per worker
-        done = list(tqdm(pool.map(simulate_cell, todo, chunksize=max(1, len(todo) // (20 * cfg.workers))),
-                         total=len(todo), desc="throughput simulations", unit="sim"))
+    done = simulate_cells(cells(cfg), cfg.workers, "throughput simulations")
     rows = pd.DataFrame([r for r, _ in done])
     hists = pd.DataFrame([{**{k: r[k] for k in (*SPLIT, "eta", "on_stale", "default_split", "workload_sigma")},
                            "staleness": k, "count": n, "fraction": n / sum(h.values())}
