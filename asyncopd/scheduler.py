@@ -20,10 +20,13 @@ tracked.
 
 **Bounded-async mode** (fixed_staleness=None). try_admit returns w = v (the newest weights) iff
 
-    n_admitted − n_dropped < (v + η + 1)·B                                          (capacity rule)
+    n_admitted − n_dropped < (v + D + 1)·B                                          (capacity rule)
 
-Live admissions are in_flight + n_ready + n_trained with n_trained = v·B (+B once batch v is taken), so at most
-(η+1)·B trajectories are in flight or ready. With no drops this is AReaL's ⌊(N_r − 1)/B⌋ ≤ v + η.
+with D = pipeline_depth, how far rollout may run ahead of the learner (default D = η; 0 ≤ D ≤ η). Live admissions
+are in_flight + n_ready + n_trained with n_trained = v·B (+B once batch v is taken), so at most (D+1)·B
+trajectories are in flight or ready. With no drops and D = η this is AReaL's ⌊(N_r − 1)/B⌋ ≤ v + η. D < η is
+pacing (tinker-cookbook PR #822's pipeline_depth): typical staleness ≈ D, and the η − D versions between them are
+slack for the slow (long) rollouts, which the learner then waits for instead of dropping (on_stale="deadline").
 The ready pool is ordered oldest first, by (behav_version, arrival order); a batch is its first B.
 
 - on_stale="drop": a ready trajectory with v − β > η can never be trained, so it is dropped at once: when it
@@ -41,8 +44,31 @@ The ready pool is ordered oldest first, by (behav_version, arrival order); a bat
   B=1, η=2, admit a, b, c at v=0; train a; at v=1 admit and train a fresher d while b, c are in flight;
   at v=2 both b and c have β = 0 = v − η and one of them would reach staleness 3. Training oldest first
   avoids this. It cannot deadlock: once the in-flight rollouts finish and the driver admits to capacity,
-  (η+1)·B ≥ B trajectories are untrained and ready.
-- η = 0 is synchronous training in both modes: at most (v+1)·B admissions at version ≤ v and v·B trained leave
+  (D+1)·B ≥ B trajectories are untrained and ready. (D < η only shrinks the a_i, so the proof holds as is.)
+- on_stale="deadline" (with D < η: **pacing**): nothing is dropped, and the learner waits for a rollout only when
+  its deadline is due. Each untrained trajectory has a deadline d = a + η, the last version it may be trained at
+  (a = its admission version while in flight, its behav_version β ≥ a once ready). next_batch takes the B ready
+  trajectories with the earliest deadlines (the ready pool's oldest first) and returns them iff the untrained
+  ones left behind stay schedulable by earliest deadline first, one batch of B per version:
+
+      for every u > v:  #{left behind with d ≤ u} ≤ (u − v)·B                        (feasibility)
+
+  (u = v gives: none left behind is due now). Guarantees, over any interleaving of the four calls:
+  (1) staleness ≤ η and nothing dropped: feasibility at every step means no untrained trajectory is ever past
+  its deadline, so each is trained at a version ≤ its d, i.e. never starved: a rollout admitted at version a is
+  trained by version a + η at the latest: the learner never steps past an untrained deadline. (2) No deadlock:
+  feasibility of the whole untrained set (for every u ≥ v: #{d ≤ u} ≤ (u − v + 1)·B) is an invariant. A batch
+  is taken only if it holds afterwards; an admission at version v has d = v + η and leaves at most (D+1)·B ≤
+  (η+1)·B untrained, which the bound at every u ≥ v + η allows; a finished rollout's d only moves later (β ≥ a).
+  So once every rollout has finished, the B earliest deadlines are ready and leave a feasible rest (EDF is
+  optimal: swapping a later deadline into the batch never helps), and next_batch returns them. (3) The learner
+  waits only for due rollouts: B=1, η=3, with b (version 0) in flight it trains c (version 1) at v=1 and d at
+  v=2, then waits for b at v=3; wait mode trains nothing until b is back. With D = η, feasibility makes each batch the oldest B admitted (the capacity rule
+  refills exactly B per version) and the policy coincides with wait in steady state; it pays off with D < η,
+  where the learner trains fresh rollouts and waits only for stragglers η − D versions late. (EDF feasibility:
+  Liu & Layland 1973.) The naive rule "never step past an unfinished deadline" deadlocks: B=1, η=2, D=2, a, b,
+  c admitted at 0; c, then a fresh d trained first leaves a and b both due at version 2.
+- η = 0 is synchronous training in every mode: at most (v+1)·B admissions at version ≤ v and v·B trained leave
   ≤ B untrained, so batch v is exactly the B rollouts admitted at version v and nothing is ever dropped.
 
 **fixed:k mode** (fixed_staleness=k), deterministic, for lockstep science runs (the n-step-off protocol).
@@ -50,7 +76,8 @@ Admission i belongs to batch ⌊i/B⌋ and try_admit returns w_i = max(0, ⌊i/B
 exist; equivalently i < (v + k + 1)·B, the capacity rule with η = k). The driver keeps the last k+1 weight
 versions, since w_i may be older than v. Batches are assembled as in wait mode, so batch v is B trajectories of
 behaviour version max(0, v − k) and has staleness exactly min(v, k): k once v ≥ k, and the first k batches come
-from the initial weights. on_stale and max_staleness are ignored; nothing is dropped. Same-version trajectories
+from the initial weights. on_stale, max_staleness and pipeline_depth are ignored (pipeline_depth must be None);
+nothing is dropped. Same-version trajectories
 being interchangeable, batch v holds the first B *finished* ones of its version (admission order in lockstep).
 
 Counters conserve at all times: n_admitted == in_flight + n_ready + n_trained + n_dropped.
@@ -75,7 +102,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:   # rollout.py imports torch, and a run checks its config (SchedulerConfig) before torch loads
     from asyncopd.rollout import Batch, Trajectory
 
-ON_STALE = ("drop", "wait")
+ON_STALE = ("drop", "wait", "deadline")
 
 
 def _is_int(x) -> bool:
@@ -86,8 +113,9 @@ def _is_int(x) -> bool:
 class SchedulerConfig:
     batch_size: int = 64                 # trajectories per learner step (B), >= 1
     max_staleness: int = 1               # η in weight versions: 0 = synchronous, 1 = one-step-off, >= 0
-    on_stale: str = "drop"               # "drop" | "wait" (str, not Literal: OmegaConf schema types)
+    on_stale: str = "drop"               # "drop" | "wait" | "deadline" (str, not Literal: OmegaConf schema types)
     fixed_staleness: int | None = None   # k for the deterministic fixed:k mode; None = bounded-async mode
+    pipeline_depth: int | None = None    # D: admission runs at most D versions ahead; 0 <= D <= η, None = η
 
     def __post_init__(self):
         if not _is_int(self.batch_size) or self.batch_size < 1:
@@ -99,6 +127,13 @@ class SchedulerConfig:
         if self.fixed_staleness is not None and (not _is_int(self.fixed_staleness) or self.fixed_staleness < 0):
             raise ValueError(f"SchedulerConfig.fixed_staleness must be None or an int >= 0, "
                              f"got {self.fixed_staleness!r}")
+        if self.pipeline_depth is not None and self.fixed_staleness is not None:
+            raise ValueError(f"SchedulerConfig.pipeline_depth must be None in fixed:k mode (fixed_staleness="
+                             f"{self.fixed_staleness}), got {self.pipeline_depth!r}")
+        if self.pipeline_depth is not None and (not _is_int(self.pipeline_depth)
+                                                or not 0 <= self.pipeline_depth <= self.max_staleness):
+            raise ValueError(f"SchedulerConfig.pipeline_depth must be None or an int in [0, max_staleness="
+                             f"{self.max_staleness}], got {self.pipeline_depth!r}")
 
     @classmethod
     def parse(cls, spec: str, **fields) -> SchedulerConfig:
@@ -120,6 +155,11 @@ class SchedulerConfig:
     def eta(self) -> int:
         """The staleness bound in force: k in fixed:k mode, else max_staleness."""
         return self.max_staleness if self.fixed_staleness is None else self.fixed_staleness
+
+    @property
+    def depth(self) -> int:
+        """How many versions admission runs ahead of the learner (the capacity rule's D): pipeline_depth, else η."""
+        return self.eta if self.pipeline_depth is None else self.pipeline_depth
 
 
 @dataclass
@@ -163,7 +203,7 @@ class Scheduler:
         """How many try_admit calls would succeed now (the capacity rule's slack), so a driver can wake exactly
         that many waiting rollout engines instead of all of them."""
         B, steps = self.cfg.batch_size, self.version - self._v0
-        return max(0, (steps + self.cfg.eta + 1) * B - (self.n_admitted - self.n_dropped))
+        return max(0, (steps + self.cfg.depth + 1) * B - (self.n_admitted - self.n_dropped))
 
     def _log(self, op: str, arg: int) -> None:
         if self.record_ops:
@@ -173,10 +213,10 @@ class Scheduler:
 
     def try_admit(self) -> int | None:
         """Admit one rollout: the weight version to generate with, or None (capacity full)."""
-        B, eta, steps = self.cfg.batch_size, self.cfg.eta, self.version - self._v0
-        if self.n_admitted - self.n_dropped >= (steps + eta + 1) * B:
+        B, steps = self.cfg.batch_size, self.version - self._v0
+        if self.n_admitted - self.n_dropped >= (steps + self.cfg.depth + 1) * B:
             return None
-        w = max(0, self._v0 + self.n_admitted // B - eta) if self.fixed else self.version
+        w = max(0, self._v0 + self.n_admitted // B - self.cfg.eta) if self.fixed else self.version
         self.n_admitted += 1
         self.in_flight += 1
         self._flying[w] += 1
@@ -217,6 +257,8 @@ class Scheduler:
                 oldest_flying = min(self._flying)
                 if sum(n for w, n in self._ready_versions.items() if w <= oldest_flying) < B:
                     return None
+        if self.cfg.on_stale == "deadline" and not self.fixed and not self._deadlines_feasible():
+            return None
         from asyncopd.rollout import Batch   # here, not at the top: a config check imports no torch
         trajs = [self._pop_ready() for _ in range(B)]
         batch = Batch(trajs=trajs, version=self.version, n_dropped=self._drops_since_batch)
@@ -242,6 +284,23 @@ class Scheduler:
         (drops happen inside on_rollout_done and on_learner_step)."""
         out, self._dropped = self._dropped, []
         return out
+
+    def _deadlines_feasible(self) -> bool:
+        """Deadline mode: after a batch of the B earliest-deadline ready trajectories, can the untrained rest still
+        be trained by earliest deadline first, B per version? For every deadline u: #{left with d ≤ u} ≤ (u − v)·B."""
+        B, eta, v = self.cfg.batch_size, self.cfg.max_staleness, self.version
+        left = Counter({a + eta: n for a, n in self._flying.items()})   # in flight: deadline from admission
+        take = B
+        for w in sorted(self._ready_versions):                           # the batch takes the oldest ready
+            n = self._ready_versions[w]
+            left[w + eta] += n - min(n, take)
+            take -= min(n, take)
+        behind = 0
+        for d in sorted(k for k, n in left.items() if n):
+            behind += left[d]
+            if behind > (d - v) * B:
+                return False
+        return True
 
     def _pop_ready(self) -> Trajectory:
         w, _, traj = heapq.heappop(self._ready)

@@ -115,7 +115,9 @@ class ConcurrentConfig:
     placement: str = "separate"          # separate: a teacher process | colocate_teacher_with_rollout
     weight_update: str = "in_flight"     # in_flight: load between decode steps | between_rollouts: drain first
     kv_on_update: str = "keep"           # in_flight only: running sequences keep their KV cache | recompute it
-    on_stale: str = "drop"               # scheduler policy for too-stale rollouts: drop | wait
+    on_stale: str = "drop"               # scheduler policy for too-stale rollouts: drop | wait | deadline
+    pipeline_depth: int | None = None    # admission runs at most D versions ahead, 0 <= D <= η; None = η
+                                         # (D < η with on_stale=deadline is pacing: asyncopd/scheduler.py)
     threads_per_role: int = 1            # torch threads in every process, >= 1
     queue_batches: int = 2               # bound of the trajectory queues, in batches of B, >= 1
     join_timeout_s: float = 10.0         # wait this long for a child to exit before terminating it
@@ -131,6 +133,9 @@ class ConcurrentConfig:
                 raise ValueError(f"concurrent.{name} must be >= 1, got {getattr(self, name)!r}")
         if self.join_timeout_s < 0:
             raise ValueError(f"concurrent.join_timeout_s must be >= 0, got {self.join_timeout_s!r}")
+        if self.pipeline_depth is not None and (type(self.pipeline_depth) is not int or self.pipeline_depth < 0):
+            raise ValueError(f"concurrent.pipeline_depth must be None or an int >= 0 (and <= the staleness η), "
+                             f"got {self.pipeline_depth!r}")
 
 
 @dataclass

@@ -176,6 +176,7 @@ def _drive(cfg, out_dir: Path, roles: Roles, parts) -> pd.DataFrame:
         weight_bytes = roles.get(roles.call("learner", "weight_bytes"))
         info = {"engine_slots": toy.engine_slots, "placement": c.placement, "rollout_workers": c.rollout_workers,
                 "weight_update": c.weight_update, "kv_on_update": c.kv_on_update, "on_stale": c.on_stale,
+                "pipeline_depth": c.pipeline_depth,
                 "threads_per_role": c.threads_per_role, "ray": {**asdict(rc), "nodes": nodes,
                                                                 "weight_bytes": weight_bytes}}
         return session.finish(driver, info, model_info)

@@ -102,9 +102,13 @@ class RunConfig:
                                  f"got exec={self.exec!r}")
             from backends.replay import load_schedule
             return load_schedule(self.schedule_file, self.toy.batch_size, self.steps)["scheduler"]
+        if self.exec == "lockstep" and self.concurrent.pipeline_depth is not None:
+            raise ValueError(f"concurrent.pipeline_depth={self.concurrent.pipeline_depth} is for exec=concurrent or "
+                             f"ray; exec=lockstep runs fixed:<k>, whose admission is fixed")
         try:
             sched = SchedulerConfig.parse(self.staleness, batch_size=self.toy.batch_size - self.toy.n_mixture,
-                                          on_stale=self.concurrent.on_stale)
+                                          on_stale=self.concurrent.on_stale,
+                                          pipeline_depth=self.concurrent.pipeline_depth)
         except ValueError as err:
             raise ValueError(f"staleness: {err}; exec=lockstep takes fixed:<k> or schedule:<file> (from python -m "
                              f"sim.run schedule=true), exec=concurrent and exec=ray take an integer η") from None

@@ -213,7 +213,7 @@ def run(cfg, out_dir: Path, parts=None) -> pd.DataFrame:
             workers.shutdown()
         info = {"backend": cfg.backend, "engine_slots": cfg.toy.engine_slots, "placement": c.placement,
                 "rollout_workers": c.rollout_workers, "weight_update": c.weight_update, "kv_on_update": c.kv_on_update,
-                "on_stale": c.on_stale, "threads_per_role": c.threads_per_role}
+                "on_stale": c.on_stale, "pipeline_depth": c.pipeline_depth, "threads_per_role": c.threads_per_role}
         return session.finish(driver, info, model_info)
 
 
@@ -271,7 +271,7 @@ class Workers:
         self.scored_q = ctx.Queue(maxsize=c.queue_batches * B)
         colocated = c.placement == "colocate_teacher_with_rollout"
         traj_q = None if colocated else ctx.Queue(maxsize=c.queue_batches * B)
-        self.req_qs = [ctx.Queue(maxsize=(cfg.scheduler.eta + 1) * B + 1) for _ in range(c.rollout_workers)]
+        self.req_qs = [ctx.Queue(maxsize=(cfg.scheduler.depth + 1) * B + 1) for _ in range(c.rollout_workers)]
         self.weights_qs = [ctx.Queue() for _ in range(c.rollout_workers)]   # drained by the workers every tick
         self.queues = [q for q in (self.events_q, self.scored_q, traj_q, *self.req_qs, *self.weights_qs) if q]
         origin = session.rec.origin

@@ -258,6 +258,7 @@ def calibrate(df: pd.DataFrame, info: dict, cfg: CalibrateConfig) -> tuple[Clust
             "n_decode_iters": len(it), "n_overhead_gaps": len(overheads), "n_teacher_calls": len(te),
             "n_learner_steps": len(steps), "n_rollouts": len(ro), **sync_diag,
             "measured": {"eta": SchedulerConfig.parse(info["staleness"]).max_staleness, "on_stale": info["on_stale"],
+                         "pipeline_depth": info.get("pipeline_depth"),
                          "batch_size": B}}
     return cluster, costs, workload, diag
 

@@ -69,13 +69,15 @@ class RunSpec:
     batch_size: int = 64                 # B, >= 1
     rollout_workers: int = 1             # rollout worker processes, >= 1
     length_power: float = 1.3            # the task's list-length law L^-a: smaller a = longer answers
-    on_stale: str = "drop"               # the scheduler's policy for too-stale rollouts: drop | wait
+    on_stale: str = "drop"               # the scheduler's policy for too-stale rollouts: drop | wait | deadline
+    pipeline_depth: int | None = None    # the scheduler's D (admission depth), 0 <= D <= eta; None = eta
 
     def __post_init__(self):
         check_finite(self, f"configs[{self.name}].")
         for name, ok in (("eta", self.eta >= 0), ("batch_size", self.batch_size >= 1),
                          ("rollout_workers", self.rollout_workers >= 1), ("length_power", self.length_power >= 0),
-                         ("on_stale", self.on_stale in ON_STALE)):
+                         ("on_stale", self.on_stale in ON_STALE),
+                         ("pipeline_depth", self.pipeline_depth is None or 0 <= self.pipeline_depth <= self.eta)):
             if not ok:
                 raise ValueError(f"configs[{self.name}].{name} is out of range, got {getattr(self, name)!r}")
 
@@ -137,7 +139,7 @@ def measure(cfg: Config, spec: RunSpec, out: Path) -> dict:
     run_cfg = RunConfig(backend=cfg.backend, exec="concurrent", staleness=SchedulerConfig(max_staleness=spec.eta).spec,
                         steps=cfg.steps, seed=cfg.seed, toy=toy, vllm_fsdp=cfg.vllm_fsdp,
                         concurrent=ConcurrentConfig(rollout_workers=spec.rollout_workers, placement=cfg.placement,
-                                                    on_stale=spec.on_stale))
+                                                    on_stale=spec.on_stale, pipeline_depth=spec.pipeline_depth))
     run_backend(run_cfg, out)
     load = os.getloadavg()[0]            # the host's 1-min load at the end: other work on the cores skews a run
     df = trace.read(out / "trace.csv")
@@ -175,8 +177,8 @@ def predict(cfg: Config, spec: RunSpec, cluster, costs, workload: Workload) -> d
     cluster = type(cluster)(**{**cluster.__dict__, "rollout_replicas": spec.rollout_workers,
                                "score_group": max(1, spec.batch_size // 4)})
     for seed in range(cfg.sim_seeds):
-        events, s = simulate(cluster, costs, workload, SchedulerConfig(max_staleness=spec.eta, on_stale=spec.on_stale),
-                             cfg.steps, seed)
+        sched = SchedulerConfig(max_staleness=spec.eta, on_stale=spec.on_stale, pipeline_depth=spec.pipeline_depth)
+        events, s = simulate(cluster, costs, workload, sched, cfg.steps, seed)
         rates.append(window_rate(trace.to_frame(events), spec.batch_size, cfg.warmup))
         m, p = hist_stats(s["staleness_hist"])
         means.append(m)
@@ -205,6 +207,7 @@ def run(cfg: Config, out_dir: Path) -> pd.DataFrame:
         pred = predict(cfg, spec, cluster, costs, task_workload(cfg.toy, spec, measured_lengths, reference))
         meas = measured_cal if spec is cal else measure(cfg, spec, out_dir / "runs" / spec.name)
         rows.append({"config": spec.name, "held_out": spec is not cal, "eta": spec.eta, "on_stale": spec.on_stale,
+                     "pipeline_depth": spec.pipeline_depth,
                      "batch_size": spec.batch_size,
                      "rollout_workers": spec.rollout_workers, "length_power": spec.length_power,
                      "measured_samples_per_s": meas["samples_per_s"], "predicted_samples_per_s": pred["samples_per_s"],

@@ -45,7 +45,10 @@ def check_invariants(sched, flying):
     assert min(c.values()) >= 0, c
     assert c["n_admitted"] == c["in_flight"] + c["n_ready"] + c["n_trained"] + c["n_dropped"], c
     assert c["in_flight"] == len(flying)
-    assert c["in_flight"] + c["n_ready"] <= (sched.cfg.eta + 1) * sched.cfg.batch_size, c
+    assert c["in_flight"] + c["n_ready"] <= (sched.cfg.depth + 1) * sched.cfg.batch_size, c
+    if sched.cfg.on_stale in ("wait", "deadline") and not sched.fixed:   # never starved: nothing past its deadline
+        untrained = [*flying.values(), *(w for w, _, _ in sched._ready)]
+        assert all(w + sched.cfg.eta >= sched.version for w in untrained), (untrained, sched.version)
     probe, n_ok = copy.deepcopy(sched), 0            # headroom() == how many try_admit calls succeed now
     while probe.try_admit() is not None:
         n_ok += 1
@@ -79,7 +82,7 @@ def drain(sched, flying, steps):
         done(sched, flying, *sorted(flying))
         while admit(sched, flying) != [None]:
             pass
-        assert sched.in_flight + sched.n_ready == (sched.cfg.eta + 1) * sched.cfg.batch_size  # capacity is exact
+        assert sched.in_flight + sched.n_ready == (sched.cfg.depth + 1) * sched.cfg.batch_size  # capacity is exact
         done(sched, flying, *sorted(flying))
         batch = sched.next_batch()
         assert batch is not None, sched.counts()
@@ -116,7 +119,7 @@ def test_drop_eta1_trace():
     assert sched.counts() == dict(version=2, n_admitted=10, in_flight=2, n_ready=0, n_trained=6, n_dropped=2)
 
 
-@pytest.mark.parametrize("on_stale", ["drop", "wait"])
+@pytest.mark.parametrize("on_stale", ["drop", "wait", "deadline"])
 def test_eta0_is_synchronous(on_stale):
     sched, f = Scheduler(SchedulerConfig(batch_size=2, max_staleness=0, on_stale=on_stale)), {}
     for v in range(3):
@@ -184,6 +187,63 @@ def test_wait_trains_oldest_first_when_eta_ge_2():
     sched.on_learner_step()
     assert (uids(b := sched.next_batch()), b.staleness) == ([3], [2])
     assert sched.n_dropped == 0
+
+
+def test_deadline_trains_fresh_rollouts_while_an_old_one_still_has_time():
+    # B=1, η=3: b (version 0) stays in flight; wait refuses c and d, deadline trains them and takes b at its deadline
+    outcomes = {}
+    for on_stale in ("wait", "deadline"):
+        sched, f = Scheduler(SchedulerConfig(batch_size=1, max_staleness=3, on_stale=on_stale)), {}
+        assert admit(sched, f, 2) == [0, 0]                      # a, b = uids 0, 1
+        done(sched, f, 0)
+        assert uids(sched.next_batch()) == [0]
+        sched.on_learner_step()                                  # v = 1
+        assert admit(sched, f) == [1]                            # c = uid 2
+        done(sched, f, 2)
+        trained = []
+        while (b := sched.next_batch()) is not None:             # fresh rollouts trained while b is in flight
+            trained.append((uids(b), b.staleness))
+            sched.on_learner_step()
+            admit(sched, f)
+            done(sched, f, max(f))
+        outcomes[on_stale] = (trained, sched.version)
+    assert outcomes["wait"] == ([], 1)
+    assert outcomes["deadline"] == ([([2], [0]), ([3], [0])], 3)  # c at v=1, d at v=2; at v=3 b is due
+    done(sched, f, 1)
+    assert (uids(b := sched.next_batch()), b.staleness) == ([1], [3]) and sched.n_dropped == 0
+
+
+def test_deadline_refuses_the_batch_the_naive_rule_would_deadlock_on():
+    # the case of the docstring: B=1, η=2, a, b, c admitted at 0, a trained, fresh d ready while b, c fly
+    sched, f = Scheduler(SchedulerConfig(batch_size=1, max_staleness=2, on_stale="deadline")), {}
+    assert admit(sched, f, 3) == [0, 0, 0]
+    done(sched, f, 0)
+    sched.next_batch(), sched.on_learner_step()
+    assert admit(sched, f) == [1]                                # d = uid 3
+    done(sched, f, 3)
+    assert sched.next_batch() is None                            # training d now would leave b and c both due at 2
+    done(sched, f, 1)
+    assert (uids(b := sched.next_batch()), b.staleness) == ([1], [1])
+
+
+def test_pacing_admits_depth_ahead_and_waits_only_for_the_due_straggler():
+    # B=1, η=3, D=1: two admissions at a time (D+1)·B; a (uid 0) straggles; fresh rollouts train at staleness 0-1
+    sched, f = Scheduler(SchedulerConfig(batch_size=1, max_staleness=3, on_stale="deadline", pipeline_depth=1)), {}
+    assert admit(sched, f, 3) == [0, 0, None] and sched.headroom() == 0
+    log = []
+    done(sched, f, 1)
+    for v in range(3):                                           # a in flight: versions 0, 1, 2 train the fresh ones
+        b = sched.next_batch()
+        log.append((uids(b), b.staleness))
+        sched.on_learner_step()
+        assert admit(sched, f, 2) == [v + 1, None]               # one slot frees per step: the pipeline stays 2 deep
+        done(sched, f, max(f))
+    assert log == [([1], [0]), ([2], [0]), ([3], [0])]
+    assert sched.version == 3 and sched.next_batch() is None     # a (deadline 0 + 3) is due: the learner waits
+    done(sched, f, 0)
+    assert [(uids(b := sched.next_batch()), b.staleness)] == [([0], [3])]
+    sched.on_learner_step()
+    assert (uids(b := sched.next_batch()), b.staleness, sched.n_dropped) == ([4], [1], 0)
 
 
 def test_drop_same_schedule_eta2_drops_the_laggard():
@@ -269,11 +329,14 @@ OPS = st.lists(st.tuples(st.sampled_from(["admit", "admit", "done", "step"]), st
                min_size=30, max_size=150)                      # long enough for stragglers to matter
 
 
-@pytest.mark.parametrize("on_stale", ["drop", "wait"])
+@pytest.mark.parametrize("on_stale", ["drop", "wait", "deadline"])
 @pytest.mark.parametrize("eta", [0, 1, 2, 3])
-@given(ops=OPS, B=st.integers(1, 3))
-def test_bounded_async_properties(eta, on_stale, ops, B):
-    sched = Scheduler(SchedulerConfig(batch_size=B, max_staleness=eta, on_stale=on_stale))
+@given(ops=OPS, B=st.integers(1, 3), depth=st.integers(0, 3))
+def test_bounded_async_properties(eta, on_stale, ops, B, depth):
+    """Staleness ≤ η, no drop in wait and deadline mode, nothing untrained past its deadline (check_invariants),
+    no deadlock (drain), for any pipeline depth D ≤ η (D = η is the default)."""
+    sched = Scheduler(SchedulerConfig(batch_size=B, max_staleness=eta, on_stale=on_stale,
+                                      pipeline_depth=min(depth, eta)))
     batches, flying = drive(sched, ops)
     batches += drain(sched, flying, eta + 2)
     for v, b in enumerate(batches):
@@ -281,7 +344,7 @@ def test_bounded_async_properties(eta, on_stale, ops, B):
         assert all(0 <= s <= eta for s in b.staleness)
         if eta == 0:
             assert all(t.behav_version == v for t in b.trajs)    # sync: batch v = the rollouts admitted at v
-    if on_stale == "wait" or eta == 0:
+    if on_stale in ("wait", "deadline") or eta == 0:
         assert sched.n_dropped == 0
     assert sum(b.n_dropped for b in batches) <= sched.n_dropped
 
@@ -301,11 +364,19 @@ def test_fixed_k_properties(k, ops, B):
 
 @pytest.mark.parametrize("field, value", [
     ("batch_size", 0), ("batch_size", 2.0), ("max_staleness", -1), ("max_staleness", True),
-    ("on_stale", "skip"), ("fixed_staleness", -1), ("fixed_staleness", "3"),
+    ("on_stale", "skip"), ("fixed_staleness", -1), ("fixed_staleness", "3"), ("pipeline_depth", -1),
+    ("pipeline_depth", 2), ("pipeline_depth", 0.5),
 ])
 def test_config_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SchedulerConfig(**{field: value})
+
+
+def test_pipeline_depth_rules():
+    with pytest.raises(ValueError, match="pipeline_depth must be None in fixed:k"):
+        SchedulerConfig(fixed_staleness=2, pipeline_depth=1)
+    assert (SchedulerConfig(max_staleness=3).depth, SchedulerConfig(max_staleness=3, pipeline_depth=1).depth) == (3, 1)
+    assert SchedulerConfig.parse("4", pipeline_depth=2).depth == 2
 
 
 def test_parse():

@@ -292,22 +292,29 @@ def test_sim_vs_real_smoke(tmp_path):
 
 
 def test_length_bias_smoke(tmp_path):
-    """One shape, η ∈ {1, 2}, drop and wait, and a measured toy point per policy: wait never drops and shows no
-    length skew (simulated and measured), drop never trains longer answers than it generates."""
+    """One shape, η ∈ {1, 2}, drop, wait and pacing (D = 1 at η = 2), and a measured toy point per policy: wait and
+    pacing never drop and show no length skew (simulated and measured), pacing's batches are fresher than wait's,
+    drop never trains longer answers than it generates."""
     out = tmp_path / "out"
     env = {**os.environ, "ASYNCOPD_CACHE": str(tmp_path / "cache")}
     p = subprocess.run([sys.executable, "-m", "studies.length_bias", "scale=smoke", f"hydra.run.dir={out}"],
                        env=env, cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-3000:]
     sim = pd.read_csv(out / "results.csv")
-    assert sorted(zip(sim.eta, sim.on_stale)) == [(1, "drop"), (1, "wait"), (2, "drop"), (2, "wait")]
-    wait, drop = sim[sim.on_stale == "wait"], sim[sim.on_stale == "drop"]
-    assert (wait.drop_rate == 0).all() and (wait.length_bias == 0).all() and (wait.wasted_token_frac == 0).all()
+    assert sorted(zip(sim.eta, sim.policy)) == [(1, "drop"), (1, "wait"), (2, "drop"), (2, "pace D=1"), (2, "wait")]
+    keep, drop = sim[sim.policy != "drop"], sim[sim.policy == "drop"]
+    assert (keep.drop_rate == 0).all() and (keep.length_bias == 0).all() and (keep.wasted_token_frac == 0).all()
     assert (drop.length_bias <= 0).all() and (drop.drop_rate > 0).all()
+    assert (sim.staleness_max <= sim.eta).all()
+    at2 = sim[sim.eta == 2].set_index("policy")
+    assert at2.staleness_mean["pace D=1"] < at2.staleness_mean["wait"]
     toy = pd.read_csv(out / "toy" / "comparison.csv").set_index("config")
-    assert list(toy.index) == ["calibration", "drop1", "wait1"]
-    assert toy.loc["wait1", "measured_drop_rate"] == toy.loc["wait1", "measured_length_bias"] == 0
-    assert "## Claims" in (out / "report.md").read_text() and (out / "length_bias.png").stat().st_size > 10_000
+    assert list(toy.index) == ["calibration", "drop_eta2", "wait_eta2", "pace_D1_eta2"]
+    for name in ("wait_eta2", "pace_D1_eta2"):
+        assert toy.loc[name, "measured_drop_rate"] == toy.loc[name, "measured_length_bias"] == 0
+    assert "## Claims" in (text := (out / "report.md").read_text()) and "pace D=1 at η = 2" in text
+    assert (out / "length_bias.png").stat().st_size > 10_000
     train = pd.read_csv(out / "training.csv")
-    assert list(zip(train.on_stale, train.seed)) == [("drop", 0), ("wait", 0)]
-    assert (train[train.on_stale == "wait"].wasted_token_frac == 0).all() and (train.wall_s > 0).all()
+    assert list(zip(train.policy, train.seed)) == [("drop", 0), ("wait", 0), ("pace D=1", 0)]
+    assert (train[train.policy != "drop"].wasted_token_frac == 0).all() and (train.wall_s > 0).all()
+    assert (train.staleness_max <= 2).all()

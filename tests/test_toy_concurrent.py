@@ -7,6 +7,7 @@ import multiprocessing as mp
 import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from asyncopd import trace
@@ -94,6 +95,21 @@ def test_resume_continues(model_cache, tmp_path):
     assert counts.sched_n_trained == 4 * 8
 
 
+@pytest.mark.slow
+def test_pacing_admits_depth_ahead_and_drops_nothing(model_cache, tmp_path):
+    """on_stale=deadline with pipeline_depth D=1 < η=3 on real processes: admission i happens at a version v with
+    i < (v + D + 1)·B (the capacity rule at depth D), nothing is dropped and every batch is within η."""
+    m = run(tiny(model_cache, eta=3, steps=6, rollout_workers=2, on_stale="deadline", pipeline_depth=1), tmp_path)
+    trained = m[m.step > 0]
+    assert trained.step.tolist() == list(range(1, 7)) and (trained.staleness_max <= 3).all()
+    assert (trained.n_dropped == 0).all()
+    df = check_conservation(tmp_path, eta=3)
+    admits = df[df.kind == "admit"].sort_values("t", kind="stable")
+    B = json.loads((tmp_path / "run_info.json").read_text())["batch_size"]
+    assert (pd.Series(range(len(admits)), index=admits.index) < (admits.version + 2) * B).all()
+    assert json.loads((tmp_path / "run_info.json").read_text())["pipeline_depth"] == 1
+
+
 def test_concurrent_config_validation():
     with pytest.raises(ValueError, match="lockstep-only"):
         RunConfig(exec="concurrent", staleness="fixed:1")
@@ -102,6 +118,12 @@ def test_concurrent_config_validation():
     with pytest.raises(ValueError, match="placement"):
         ConcurrentConfig(placement="everywhere")
     assert RunConfig(exec="concurrent", staleness="3").exec == "concurrent"
+    with pytest.raises(ValueError, match="concurrent.pipeline_depth must be None or an int >= 0"):
+        ConcurrentConfig(pipeline_depth=-1)
+    with pytest.raises(ValueError, match=r"pipeline_depth must be None or an int in \[0, max_staleness=1\]"):
+        RunConfig(exec="concurrent", staleness="1", concurrent=ConcurrentConfig(pipeline_depth=2))
+    with pytest.raises(ValueError, match="pipeline_depth=0 is for exec=concurrent or ray"):
+        RunConfig(exec="lockstep", staleness="fixed:1", concurrent=ConcurrentConfig(pipeline_depth=0))
 
 
 @pytest.mark.slow
