@@ -60,7 +60,8 @@ def recommend(df: pd.DataFrame, cfg: PlanConfig) -> str:
     if ok.empty:
         limit = "" if cfg.max_length_bias is None else f" and max_length_bias={cfg.max_length_bias}"
         return (f"No candidate fits {e}'s tolerated η ≤ {lim}{limit}: add an η ≤ {lim} to etas"
-                + (", use on_stale=wait or loosen the bias limit." if limit else "."))
+                + (", use on_stale=wait (or pacing: on_stale=deadline pipeline_depth=1) or loosen the bias limit."
+                   if limit else "."))
     b = ok.iloc[0]
     line = (f"Recommendation for {e} (η ≤ {lim}): rollout / teacher / learner GPUs = {split_name(b, cfg)}, "
             f"η = {b.eta}: {b.samples_per_s:.3g} samples/s, staleness mean {b.staleness_mean:.2f}.")
@@ -88,9 +89,10 @@ def binding(row, cfg: PlanConfig) -> str:
                if spare else "every role is saturated: GPUs for any of them would help")
         return (f"Binding: the {names} ({', '.join(f'{util[r]:.0%}' for r in busy)} busy). Alone each role sustains "
                 f"(samples/s, analytic): {caps}; {why}.")
-    window = (row.eta + 1) * cfg.workload.batch_size
+    window = (row.pipeline_depth + 1) * cfg.workload.batch_size
     return (f"Binding: the staleness window, not a role: no role is {SATURATED:.0%} busy (busiest: {role} "
-            f"{util[role]:.0%}). At most (η+1)·B = {window} sequences are in flight and a step waits for the "
+            f"{util[role]:.0%}). At most (D+1)·B = {window} sequences are in flight (D = {row.pipeline_depth}, the "
+            f"admission depth) and a step waits for the "
             f"longest of its {cfg.workload.batch_size} responses, so the simulation reaches "
             f"{row.samples_per_s / row.bound_samples_per_s:.0%} of the slowest role's capacity (samples/s, "
             f"analytic: {caps}). More GPUs do not help here; a larger η (if the estimator tolerates it) or shorter "
@@ -127,7 +129,8 @@ def explain(df: pd.DataFrame, front: pd.DataFrame, cfg: PlanConfig) -> list[str]
                      f"{best.wasted_token_frac:.0%} of the generated tokens; trained responses average "
                      f"{best.len_trained_mean:.0f} tokens against {best.len_generated_mean:.0f} generated "
                      f"({best.length_bias:+.0%}): dropping keeps the short ones, so samples/s flatters it; compare "
-                     f"tokens/s, plan with on_stale=wait, or bound it with max_length_bias=.")
+                     f"tokens/s, plan with on_stale=wait or pacing (on_stale=deadline pipeline_depth=1), or bound it "
+                     f"with max_length_bias=.")
     skipped = df[df.kl_ok & ~df.bias_ok]
     if len(skipped):
         lines.append(f"{len(skipped)} rows within the η bound were set aside for a length bias beyond "

@@ -8,8 +8,9 @@ colocated placements, which are planned as given), and rollout fills the rest, r
 A split is kept only if no further replica fits (leftover < min(g_r, g_t)): the others waste GPUs. Simulating
 every split × η is too slow at G = 64, so the splits are first ranked by an analytic throughput bound and the
 best `max_splits` are simulated with `sim.model.simulate` at every η. With mean response length ℓ (sampled),
-prompt length P, batch B and n = min(max_batch, ⌈(η+1)·B/r⌉) sequences per rollout replica (the scheduler
-keeps at most (η+1)·B in flight), the samples/s each role can sustain are
+prompt length P, batch B and n = min(max_batch, ⌈(D+1)·B/r⌉) sequences per rollout replica (the scheduler
+keeps at most (D+1)·B in flight, D = min(pipeline_depth, η) the admission depth, η without pacing), the samples/s
+each role can sustain are
 
     rollout  R_r = r / (ℓ·step_s(n)/n + P·prefill_s_per_token [+ score_s, teacher on rollout])
     teacher  R_t = t / score_s                                                        (separate placement)
@@ -42,6 +43,8 @@ reverse KL rises 1.60 → 1.79 (`max_eta.reverse_kl_stale=1`). A bounded-async �
 the study's every-sample-exactly-k, so the bounds are conservative. A row is kl_ok iff η ≤ max_eta[estimator].
 Ranking: kl_ok rows first, then the rest, each by simulated samples/s (descending); rank 1 is the recommendation.
 Caveat: with on_stale=drop, short responses finish first, so dropping biases samples/s upward (compare tokens/s).
+Pacing (on_stale=deadline, pipeline_depth=D; asyncopd/scheduler.py) drops nothing: each candidate η is then the
+slack a straggler may use, admission runs min(D, η) versions ahead, and kl_ok still judges the bound η.
 """
 
 from __future__ import annotations
@@ -74,7 +77,8 @@ class PlanConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)  # set by the estimator group; unused
     gpus: int = 64                       # GPU budget, >= the smallest split (one replica of each role)
     etas: list[int] = field(default_factory=lambda: [0, 1, 2, 4, 8])   # staleness bounds η tried, >= 0
-    on_stale: str = "drop"               # drop | wait, as SchedulerConfig.on_stale
+    on_stale: str = "drop"               # drop | wait | deadline, as SchedulerConfig.on_stale
+    pipeline_depth: Optional[int] = None  # admission depth D >= 0: at each η the scheduler runs min(D, η); None: η
     learner_gpus: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])  # sizes tried (>= 1; too big: skipped)
     learner_scaling_efficiency: float = 0.9   # e in (0, 1]: each doubling of the learner is 2e× faster per token
     max_splits: int = 8                  # splits simulated (best analytic bounds), >= 1
@@ -101,6 +105,9 @@ class PlanConfig:
                 raise ValueError(f"{name} must be a non-empty list of distinct ints >= {lo}, got {v!r}")
         if self.on_stale not in ON_STALE:
             raise ValueError(f"on_stale must be one of {ON_STALE}, got {self.on_stale!r}")
+        d = self.pipeline_depth
+        if d is not None and (not isinstance(d, int) or isinstance(d, bool) or d < 0):
+            raise ValueError(f"pipeline_depth must be an int >= 0 or null (= η), got {d!r}")
         e = self.learner_scaling_efficiency
         if not (isinstance(e, (int, float)) and 0 < e <= 1):
             raise ValueError(f"learner_scaling_efficiency must be in (0, 1], got {e!r}")
@@ -146,6 +153,11 @@ def enumerate_splits(cfg: PlanConfig) -> list[tuple[int, int, int]]:
     return out
 
 
+def admission_depth(cfg: PlanConfig, eta: int) -> int:
+    """The scheduler's pipeline depth D at η: min(pipeline_depth, η), or η when pipeline_depth is None."""
+    return eta if cfg.pipeline_depth is None else min(cfg.pipeline_depth, eta)
+
+
 def learner_costs(cfg: PlanConfig, L: int) -> CostModel:
     """The cost model with the learner on L GPUs: derived for L from the specs when they are given, else
     s_tok(L) = s_tok(L₀)·(L₀/L)/e^{log₂(L/L₀)} (see the top)."""
@@ -173,7 +185,7 @@ def role_rates(cfg: PlanConfig, r: int, t: int, L: int, eta: int, ell: float) ->
     B, P = w.batch_size, w.prompt_len
     group = cfg.cluster.score_group if placement == "teacher_with_rollout" else c.teacher_max_batch
     score_s = c.teacher_s_per_seq + c.teacher_s_per_token * (P + ell) + c.teacher_call_s / group   # one trajectory
-    n = min(c.max_batch, math.ceil((eta + 1) * B / r))
+    n = min(c.max_batch, math.ceil((admission_depth(cfg, eta) + 1) * B / r))
     per_traj = ell * c.step_s(n) / n + P * c.prefill_s_per_token       # replica-seconds per trajectory
     per_traj += score_s if placement == "teacher_with_rollout" else 0
     rates = {"rollout": r / per_traj}
@@ -216,8 +228,9 @@ def run(cfg: PlanConfig) -> pd.DataFrame:
         shape = replace(cfg.cluster, rollout_replicas=r, teacher_replicas=t, learner_gpus=L)
         costs = learner_costs(cfg, L)
         for eta in cfg.etas:
-            _, s = simulate(shape, costs, cfg.workload, SchedulerConfig(max_staleness=eta, on_stale=cfg.on_stale),
-                            cfg.steps, cfg.seed)
+            sched = SchedulerConfig(max_staleness=eta, on_stale=cfg.on_stale,
+                                    pipeline_depth=admission_depth(cfg, eta))
+            _, s = simulate(shape, costs, cfg.workload, sched, cfg.steps, cfg.seed)
             kl_ok, advice = advise(cfg, eta)
             util = {role: s[f"util_{role}"] for role in ("rollout", "teacher", "learner")}
             gpus = {"rollout": r * shape.gpus_per_rollout_replica, "teacher": t * shape.gpus_per_teacher_replica,
@@ -225,6 +238,7 @@ def run(cfg: PlanConfig) -> pd.DataFrame:
             rates = role_rates(cfg, r, t, L, eta, ell)
             rows.append(dict(
                 rollout_replicas=r, teacher_replicas=t, learner_gpus=L, gpus_used=shape.gpus, eta=eta,
+                pipeline_depth=sched.depth,
                 samples_per_s=s["samples_per_s"], tokens_per_s=s["tokens_per_s"],
                 staleness_mean=s["staleness_mean"], staleness_max=s["staleness_max"],
                 **{f"idle_{role}": 1 - u for role, u in util.items()},

@@ -124,7 +124,8 @@ def measured(cfg: Config, out_dir: Path) -> pd.DataFrame:
                  for m, d in policies(cfg.toy_eta, cfg.pace_depths)],
         steps=cfg.toy_steps, warmup=5, sim_seeds=cfg.sim_seeds, toy=cfg.toy)
     df = sim_vs_real.run(svr, out_dir)
-    return df.assign(policy=[policy_name(m, d) for m, d in zip(df.on_stale, df.pipeline_depth)])
+    return df.assign(policy=[policy_name(m, None if pd.isna(d) else int(d)) for m, d in zip(df.on_stale,
+                                                                                       df.pipeline_depth)])
 
 
 def trained(cfg: Config, out_dir: Path) -> pd.DataFrame:

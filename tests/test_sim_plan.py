@@ -12,7 +12,7 @@ from asyncopd.scheduler import SchedulerConfig
 from sim.costs import ClusterShape, CostModel, LengthDist, Workload
 from sim.model import simulate
 from sim.plan import binding, explain, frontier_lines, recommend
-from sim.planner import (PlanConfig, advise, bound, enumerate_splits, frontier, learner_costs, rank, run,
+from sim.planner import (PlanConfig, advise, bound, enumerate_splits, frontier, learner_costs, rank, role_rates, run,
                          select_splits)
 
 
@@ -147,6 +147,7 @@ def test_recommendation_names_the_split_and_forward_kl():
     (dict(learner_scaling_efficiency=1.5), "learner_scaling_efficiency"),
     (dict(estimator="reverse_kl_topk"), "estimator"), (dict(max_eta={"reverse_kl_stale": 1}), "max_eta"),
     (dict(steps=0), "steps"), (dict(max_splits=0), "max_splits"), (dict(top=0), "top"), (dict(seed=-1), "seed"),
+    (dict(pipeline_depth=-1), "pipeline_depth"), (dict(pipeline_depth=1.5), "pipeline_depth"),
 ])
 def test_validation_names_the_field(kw, field):
     with pytest.raises(ValueError, match=rf"^{field} "):
@@ -273,3 +274,24 @@ def test_max_length_bias_sets_skewed_rows_aside():
     assert any(ln.startswith(f"{(~df.bias_ok).sum()} rows within the η bound were set aside") for ln in lines)
     with pytest.raises(ValueError, match="max_length_bias"):
         small(max_length_bias=-0.1)
+
+
+def test_pacing_plans_drop_nothing_and_admit_min_depth_eta_ahead():
+    """on_stale=deadline with pipeline_depth=1 on long-tailed lengths: each row runs the scheduler at depth min(1, η)
+    (the same samples/s as a direct simulation with it), nothing is dropped and the length bias is 0, while drop at
+    the same η skews lengths; the analytic rollout rate uses the (D+1)·B window."""
+    w = Workload(batch_size=4, prompt_len=4, length=LengthDist("lognormal", 8, sigma=1.0, max=64))
+    cfg = small(costs=LATENCY_BOUND, estimator="forward_kl_topk", etas=[0, 1, 2, 8], on_stale="deadline",
+                pipeline_depth=1, workload=w)
+    df = run(cfg)
+    assert (df.pipeline_depth == df.eta.clip(upper=1)).all()
+    assert (df.n_dropped == 0).all() and (df.length_bias == 0).all() and (df.staleness_max <= df.eta).all()
+    top = df.iloc[0]
+    shape = ClusterShape(int(top.rollout_replicas), int(top.teacher_replicas), learner_gpus=int(top.learner_gpus))
+    _, s = simulate(shape, learner_costs(cfg, int(top.learner_gpus)), w,
+                    SchedulerConfig(max_staleness=int(top.eta), on_stale="deadline",
+                                    pipeline_depth=int(top.pipeline_depth)), cfg.steps, cfg.seed)
+    assert top.samples_per_s == pytest.approx(s["samples_per_s"], rel=1e-12)
+    rates = {d: role_rates(small(costs=LATENCY_BOUND, pipeline_depth=d, workload=w), 1, 1, 1, 8, 8.0)["rollout"]
+             for d in (0, 1, None)}
+    assert rates[0] < rates[1] < rates[None]            # n = min(max_batch, (D+1)·B/r) = 4, 8, 36 sequences
