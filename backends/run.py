@@ -157,12 +157,17 @@ def take_signals() -> None:
     """The run owns its process's ending. A run started from a script or a background job may inherit an ignored
     SIGINT: Python's handler is restored (and the log says so), so Ctrl-C / kill -INT stop it. SIGTERM raises
     SystemExit(143) instead of killing the process outright, so the run's cleanup (workers stopped, Ray shut
-    down) runs as it does for Ctrl-C."""
+    down) runs as it does for Ctrl-C; the session also ends at its next step if that exception is lost
+    (backends.session.request_stop)."""
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         log.warning("SIGINT was ignored (inherited from a background job or a script): restored, so Ctrl-C and "
                     "kill -INT stop this run")
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    def on_sigterm(signum, frame):
+        from backends.session import request_stop   # imported by the running backend already; torch-free here
+        request_stop(signum)
+        sys.exit(128 + signum)
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="run")

@@ -57,6 +57,17 @@ from backends import checkpoint
 from backends.health import CollapseError, HealthCheck
 
 log = logging.getLogger(__name__)
+_STOP = {"signum": None}   # a stop signal taken by backends.run.take_signals, checked at every recorded step
+
+
+def request_stop(signum: int | None) -> None:
+    """Make the running session end at its next recorded step with SystemExit(128 + signum); None clears it.
+    The signal handler raises SystemExit at once as well; this is the backstop for when that exception is lost
+    (a handler that runs inside a finalizer, e.g. a __del__ during garbage collection, has it printed as
+    "Exception ignored" and the run would otherwise go on to its last step and exit 0)."""
+    _STOP["signum"] = signum
+
+
 WALL_CLOCK_COLUMNS = ("step_s", "rollout_s", "teacher_s", "learner_s", "samples_per_s")   # not reproducible
 MODE_EXTRAS = {"lockstep": ("rollout_s", "teacher_s", "mixture_frac", "mixture_len_mean", "mixture_accuracy"),
                "replay": (), "concurrent": (), "ray": ()}
@@ -205,6 +216,8 @@ class RunSession:
                     self._writer.add_scalar(key, val, row["version"])
         if self.health.collapsed:
             self._collapse(row)
+        if _STOP["signum"] is not None:
+            raise SystemExit(128 + _STOP["signum"])
 
     def _collapse(self, row: dict) -> None:
         cfg = self.cfg.health

@@ -48,7 +48,6 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 

@@ -166,3 +166,17 @@ def test_ctrl_c_stops_a_run_started_with_sigint_ignored(model_cache, tmp_path):
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)                     # reads while it waits: a full pipe cannot block it
     assert proc.returncode != 0 and "SIGINT was ignored" in out
+
+
+def test_a_lost_sigterm_still_ends_the_run_at_the_next_step(model_cache, tmp_path):
+    """The SIGTERM handler's SystemExit can be lost (raised inside a finalizer it is printed and ignored); the
+    stop request it also records ends the run at its next recorded step with exit code 143, not at its last."""
+    from backends.session import request_stop
+    request_stop(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as exc:
+            run(tiny(model_cache, steps=6), tmp_path)
+    finally:
+        request_stop(None)
+    assert exc.value.code == 143
+    assert run(tiny(model_cache, steps=2), tmp_path / "after").step.tolist() == [0, 1, 2]   # cleared: runs on
