@@ -95,8 +95,10 @@ def binding(row, cfg: PlanConfig) -> str:
             f"admission depth) and a step waits for the "
             f"longest of its {cfg.workload.batch_size} responses, so the simulation reaches "
             f"{row.samples_per_s / row.bound_samples_per_s:.0%} of the slowest role's capacity (samples/s, "
-            f"analytic: {caps}). More GPUs do not help here; a larger η (if the estimator tolerates it) or shorter "
-            f"length tails would.")
+            f"analytic: {caps}). More GPUs do not help here; "
+            + (f"a deeper pipeline (pipeline_depth up to η = {row.eta}) " if row.pipeline_depth < row.eta else
+               "a larger η (if the estimator tolerates it) ")
+            + "or shorter length tails would.")
 
 
 def explain(df: pd.DataFrame, front: pd.DataFrame, cfg: PlanConfig) -> list[str]:

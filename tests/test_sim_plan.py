@@ -295,3 +295,6 @@ def test_pacing_plans_drop_nothing_and_admit_min_depth_eta_ahead():
     rates = {d: role_rates(small(costs=LATENCY_BOUND, pipeline_depth=d, workload=w), 1, 1, 1, 8, 8.0)["rollout"]
              for d in (0, 1, None)}
     assert rates[0] < rates[1] < rates[None]            # n = min(max_batch, (D+1)·B/r) = 4, 8, 36 sequences
+    paced = df[df.eta > 1].iloc[0]                      # the window binds: advice is a deeper pipeline, not η
+    assert "(D+1)·B = 8 sequences are in flight (D = 1" in binding(paced, cfg)
+    assert f"a deeper pipeline (pipeline_depth up to η = {paced.eta})" in binding(paced, cfg)
