@@ -33,14 +33,17 @@ the learner is assumed to speed the per-token work up by 2e, e = learner_scaling
 publish_s and weight_sync_s are kept as measured: they are taken not to shrink with L. The teacher on the
 learner's devices (teacher_with_learner) keeps its measured speed.
 
-KL advice. studies/kl_direction (docs/kl_direction_report.md: toy backend, fixed staleness k ∈ {0,1,2,4,8},
-2 seeds, 150 steps) measured what staleness costs per estimator. `max_eta[e]` is the largest tested k at which
-e's final accuracy shows no loss against k = 0 under the report's own test (the seed ranges do not overlap and
-the gap exceeds two binomial standard errors): forward KL and every corrected or recomputed reverse KL stay
-within noise up to k = 8 (the largest tested); stale reverse KL collapses at k = 8 (−22.6 points), so its bound is
-4. The conservative reading for stale reverse KL is 1: at k = 2 and 4 both seeds lose ~1 point and held-out
-reverse KL rises 1.60 → 1.79 (`max_eta.reverse_kl_stale=1`). A bounded-async η gives staleness ≤ η, milder than
-the study's every-sample-exactly-k, so the bounds are conservative. A row is kl_ok iff η ≤ max_eta[estimator].
+KL advice. studies/kl_direction (docs/kl_direction_report.md: toy backend, fixed staleness k ∈ {0, 1, 4, 16},
+3 seeds, 150 steps at lr 1e-3, B = 128) measured what staleness costs per estimator. `max_eta[e]` is the largest
+tested k up to which e's final accuracy shows no loss against k = 0 under the report's own test (the seed ranges
+do not overlap and the gap exceeds two binomial standard errors of one evaluation): forward top-k stays within
+noise up to k = 16 (−2.0, −2.9, −1.0 points at k = 1, 4, 16; bands ±3.1); every reverse KL in the grid loses at
+k = 1 already: top-k −4.1 points, recompute + TIS −4.4, and the stale signal collapses (0.80 → 0 accuracy, with
+TIS 0.77 → 0.24), so their bound is 0. Estimators outside that grid (clip, VCPO, no-ratio recompute, Monte
+Carlo) have no measured bound: pass one with `+max_eta.<name>=<η>`. These are toy numbers at a large step size:
+the bias of stale data grows with staleness × step size, so a run with a much smaller lr tolerates more; set
+max_eta from a measurement at your own lr where you have one. A bounded-async η gives staleness ≤ η, milder
+than the study's every-sample-exactly-k. A row is kl_ok iff η ≤ max_eta[estimator].
 Ranking: kl_ok rows first, then the rest, each by simulated samples/s (descending); rank 1 is the recommendation.
 Caveat: with on_stale=drop, short responses finish first, so dropping biases samples/s upward (compare tokens/s).
 Pacing (on_stale=deadline, pipeline_depth=D; asyncopd/scheduler.py) drops nothing: each candidate η is then the
@@ -64,9 +67,10 @@ from sim.model import simulate
 from sim.specs import Specs, costs_for, learner_state_fits
 
 FORWARD = "forward_kl_topk"
-# Largest tested fixed staleness k with no significant accuracy loss vs k = 0 (docs/kl_direction_report.md).
-MAX_ETA = {"forward_kl_topk": 8, "reverse_kl_stale": 4, "reverse_kl_stale_tis": 8, "reverse_kl_stale_clip": 8,
-           "reverse_kl_recompute_tis": 8, "reverse_kl_recompute": 8, "reverse_kl_mc": 8}
+# Largest tested fixed staleness k with no significant accuracy loss vs k = 0 (docs/kl_direction_report.md,
+# "Dose–response"; see "KL advice" above): forward KL holds to the grid's end, every reverse KL loses at k = 1.
+MAX_ETA = {"forward_kl_topk": 16, "reverse_kl_topk": 0, "reverse_kl_stale": 0, "reverse_kl_stale_tis": 0,
+           "reverse_kl_recompute_tis": 0}
 
 
 @dataclass

@@ -2,8 +2,10 @@
 simulate(), the analytic bound, validation, and the Hydra entry (plan.csv, plan.png, exit codes)."""
 
 import math
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -12,12 +14,17 @@ from asyncopd.scheduler import SchedulerConfig
 from sim.costs import ClusterShape, CostModel, LengthDist, Workload
 from sim.model import simulate
 from sim.plan import binding, explain, frontier_lines, recommend
-from sim.planner import (PlanConfig, advise, bound, enumerate_splits, frontier, learner_costs, rank, role_rates, run,
-                         select_splits)
+from sim.planner import (MAX_ETA, PlanConfig, advise, bound, enumerate_splits, frontier, learner_costs, rank,
+                         role_rates, run, select_splits)
+
+
+MACHINERY_ETA = {"forward_kl_topk": 8, "reverse_kl_stale": 4}   # fixed bounds: these tests check the search,
+                                                                # not the study's numbers (MAX_ETA)
 
 
 def small(**kw) -> PlanConfig:
-    """8 GPUs, 1 GPU per replica, fixed 8-token responses, B=4: each candidate simulates in milliseconds."""
+    """8 GPUs, 1 GPU per replica, fixed 8-token responses, B=4: each candidate simulates in milliseconds. The
+    KL bounds are MACHINERY_ETA unless given."""
     costs = kw.pop("costs", CostModel(decode_step_s=0.01, decode_step_s_per_seq=0.001, prefill_s_per_token=0.001,
                                       max_batch=8, teacher_s_per_token=0.002, teacher_s_per_seq=0.001,
                                       teacher_call_s=0.004, teacher_max_batch=2, learner_s_per_token=0.01,
@@ -25,7 +32,7 @@ def small(**kw) -> PlanConfig:
     return PlanConfig(cluster=kw.pop("cluster", ClusterShape(1, 1)), costs=costs,
                       workload=kw.pop("workload", Workload(batch_size=4, prompt_len=4, length=LengthDist("fixed", 8, max=8))),
                       **{"gpus": 8, "etas": [0, 1, 2, 8], "learner_gpus": [1, 4], "max_splits": 20, "steps": 8,
-                         **kw})
+                         "max_eta": dict(MACHINERY_ETA), **kw})
 
 
 def test_splits_fill_the_budget_hand_counted():
@@ -189,9 +196,9 @@ def test_cli_writes_plan_csv_and_png(tmp_path):
             "latency_mean_s", "n_dropped", "kl_ok", "advice"} <= set(df.columns)
     assert sorted(map(tuple, df[["rollout_replicas", "teacher_replicas", "learner_gpus"]].drop_duplicates()
                       .to_numpy())) == [(1, 3, 2), (1, 4, 1), (2, 2, 2), (2, 3, 1), (3, 1, 2), (3, 2, 1), (4, 1, 1)]
-    assert (df.gpus_used == 6).all() and (df.kl_ok == (df.eta <= 4)).all()
+    assert (df.gpus_used == 6).all() and (df.kl_ok == (df.eta <= MAX_ETA["reverse_kl_stale"])).all()
     assert (tmp_path / "out" / "plan.png").stat().st_size > 10_000
-    assert "Recommendation for reverse_kl_stale (η ≤ 4)" in p.stdout
+    assert f"Recommendation for reverse_kl_stale (η ≤ {MAX_ETA['reverse_kl_stale']})" in p.stdout
     assert len([ln for ln in p.stdout.splitlines() if ln.strip()[:1].isdigit()]) == 3   # top=3 table rows
 
 
@@ -298,3 +305,29 @@ def test_pacing_plans_drop_nothing_and_admit_min_depth_eta_ahead():
     paced = df[df.eta > 1].iloc[0]                      # the window binds: advice is a deeper pipeline, not η
     assert "(D+1)·B = 8 sequences are in flight (D = 1" in binding(paced, cfg)
     assert f"a deeper pipeline (pipeline_depth up to η = {paced.eta})" in binding(paced, cfg)
+
+
+def test_max_eta_matches_the_kl_direction_report():
+    """The planner's default bounds are the shipped study's: for each estimator, the largest k of the report's
+    dose-response table up to which no k shows a loss under studies.cells.compare's rule (seed ranges apart and
+    the gap beyond two binomial standard errors of one evaluation). A re-run study that moves a bound fails here
+    until MAX_ETA follows it."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "kl_direction_report.md").read_text()
+    n_prompts = int(re.search(r"held-out greedy accuracy on (\d+) prompts", text).group(1))
+    table = text.split("## Dose–response")[1].split("\n## ")[0]
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) > 5 and cells[1].isdigit():
+            rows.setdefault(cells[0], []).append((int(cells[1]), *map(float, cells[2:5])))   # k, mean, min, max
+    derived = {}
+    for est, by_k in rows.items():
+        (k0, m0, lo0, hi0), *rest = sorted(by_k)
+        bound_k = k0
+        for k, m, lo, hi in rest:
+            p = (m0 + m) / 2
+            if (hi < lo0 or lo > hi0) and m0 - m > 2 * math.sqrt(p * (1 - p) / n_prompts):
+                break
+            bound_k = k
+        derived[est] = bound_k
+    assert {e: derived[e] for e in MAX_ETA} == MAX_ETA
