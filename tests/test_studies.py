@@ -291,6 +291,7 @@ def test_sim_vs_real_smoke(tmp_path):
         assert (out / name).stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_length_bias_smoke(tmp_path):
     """One shape, η ∈ {1, 2}, drop, wait and pacing (D = 1 at η = 2), and a measured toy point per policy: wait and
     pacing never drop and show no length skew (simulated and measured), pacing's batches are fresher than wait's,
