@@ -63,9 +63,10 @@ The ready pool is ordered oldest first, by (behav_version, arrival order); a bat
   So once every rollout has finished, the B earliest deadlines are ready and leave a feasible rest (EDF is
   optimal: swapping a later deadline into the batch never helps), and next_batch returns them. (3) The learner
   waits only for due rollouts: B=1, η=3, with b (version 0) in flight it trains c (version 1) at v=1 and d at
-  v=2, then waits for b at v=3; wait mode trains nothing until b is back. With D = η, feasibility makes each batch the oldest B admitted (the capacity rule
-  refills exactly B per version) and the policy coincides with wait in steady state; it pays off with D < η,
-  where the learner trains fresh rollouts and waits only for stragglers η − D versions late. (EDF feasibility:
+  v=2, then waits for b at v=3; wait mode trains nothing until b is back. With D = η, feasibility makes each
+  batch the oldest B admitted (the capacity rule refills exactly B per version) and the policy coincides with
+  wait in steady state; it pays off with D < η, where the learner trains fresh rollouts and waits only for
+  stragglers η − D versions late. (EDF feasibility:
   Liu & Layland 1973.) The naive rule "never step past an unfinished deadline" deadlocks: B=1, η=2, D=2, a, b,
   c admitted at 0; c, then a fresh d trained first leaves a and b both due at version 2.
 - η = 0 is synchronous training in every mode: at most (v+1)·B admissions at version ≤ v and v·B trained leave
@@ -287,8 +288,9 @@ class Scheduler:
 
     def _deadlines_feasible(self) -> bool:
         """Deadline mode: after a batch of the B earliest-deadline ready trajectories, can the untrained rest still
-        be trained by earliest deadline first, B per version? For every deadline u: #{left with d ≤ u} ≤ (u − v)·B."""
-        B, eta, v = self.cfg.batch_size, self.cfg.max_staleness, self.version
+        be trained by earliest deadline first, B per version? For every deadline u:
+        #{left with d ≤ u} ≤ (u − v)·B."""
+        B, eta, v = self.cfg.batch_size, self.cfg.eta, self.version
         left = Counter({a + eta: n for a, n in self._flying.items()})   # in flight: deadline from admission
         take = B
         for w in sorted(self._ready_versions):                           # the batch takes the oldest ready

@@ -265,10 +265,10 @@ def eligible(df: pd.DataFrame) -> pd.Series:
 
 
 def rank(df: pd.DataFrame, tie_band: float) -> pd.DataFrame:
-    """`eligible` rows first. Among them, the rows within tie_band of the best samples/s are tied: a simulation of `steps` steps cannot tell them apart, so the one that keeps its GPUs busiest
-    (`busy_gpu_frac`, the GPU-weighted utilisation) ranks first: it buys the same samples/s without parking GPUs
-    on an idle role. Every other row follows by samples/s. Rank 1 is the recommendation (`in_band` marks the
-    tied rows)."""
+    """`eligible` rows first. Among them, the rows within tie_band of the best samples/s are tied: a simulation of
+    `steps` steps cannot tell them apart, so the one that keeps its GPUs busiest (`busy_gpu_frac`, the
+    GPU-weighted utilisation) ranks first: it buys the same samples/s without parking GPUs on an idle role. Every
+    other row follows by samples/s. Rank 1 is the recommendation (`in_band` marks the tied rows)."""
     ok = eligible(df)
     best = df.samples_per_s[ok].max() if ok.any() else math.inf
     df = df.assign(_ok=ok, in_band=ok & (df.samples_per_s >= (1 - tie_band) * best))

@@ -50,8 +50,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from asyncopd import trace
-from asyncopd.data_skew import SCALARS as SKEW_SCALARS
 from asyncopd.config import check_finite
+from asyncopd.data_skew import SCALARS as SKEW_SCALARS
 from asyncopd.scheduler import ON_STALE, SchedulerConfig
 from backends.toy import ToyConfig
 from sim.costs import ClusterShape, CostModel, Workload
